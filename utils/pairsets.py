@@ -1,0 +1,281 @@
+"""Verification pair sets: the public ``.bin`` pickles and the memory-mapped layout of AdaFace.
+
+A ``.bin`` file (``lfw.bin``, ``cfp_fp.bin``, ...) is a pickle of ``(bins, issame_list)``: 2·P encoded
+112x112 images (pair ``i`` is images ``2i`` and ``2i+1``) and P booleans.
+
+The memfile layout (kept from the original AdaFace code so that converted folders keep working)::
+
+    <root>/<name>/memfile/mem_file.dat        raw float32, N x 3 x 112 x 112, the network input
+    <root>/<name>/memfile/mem_file.dat.conf   JSON {"shape": [N, 3, 112, 112], "dtype": "float32"}
+    <root>/<name>_list.npy                    the P booleans
+
+The memfile holds exactly what the network sees: BGR, ``(pixel / 255 - 0.5) / 0.5``
+(:func:`utils.image.rgb_to_input_array`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from utils.image import (INPUT_SIZE, ImageDecodeError, check_input_size, decode_image_bytes,
+                         rgb_to_input_array, swap_red_blue)
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+VAL_SET_NAMES = ("agedb_30", "cfp_fp", "lfw", "cplfw", "calfw")
+MEMFILE_SHAPE_TAIL = (3, INPUT_SIZE, INPUT_SIZE)
+MEMFILE_DTYPE = "float32"
+
+
+class PairSetError(ValueError):
+    """A pair-set file (``.bin`` or memfile) is missing, malformed or inconsistent."""
+
+
+# ----------------------------------------------------------------------------------------------
+# .bin pickles
+# ----------------------------------------------------------------------------------------------
+class _PairSetUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds the types a pair-set file can hold (no arbitrary code)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy", "bool_"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"), ("builtins", "bytearray"), ("copy_reg", "_reconstructor"),
+        ("copyreg", "_reconstructor"), ("__builtin__", "object"), ("builtins", "object"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a pair-set file "
+                                         f"holds only image bytes and booleans")
+        return super().find_class(module, name)
+
+
+def _as_bytes(item: object, index: int, path: Path) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, (bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+        return item.tobytes()
+    if isinstance(item, str):  # written by Python 2 and loaded without encoding='bytes'
+        return item.encode("latin-1")
+    raise PairSetError(f"{path}: image {index} is a {type(item).__name__}, expected encoded "
+                       f"image bytes")
+
+
+def load_pair_bin(path: PathLike) -> tuple[list[bytes], np.ndarray]:
+    """Read a ``.bin`` pair set: (2·P encoded images, P booleans ``issame``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pair-set file not found")
+    try:
+        with open(path, "rb") as f:
+            content = _PairSetUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError, MemoryError) as exc:
+        raise PairSetError(f"{path}: not a readable pair-set pickle ({type(exc).__name__}: "
+                           f"{exc})") from exc
+    if not isinstance(content, (tuple, list)) or len(content) != 2:
+        raise PairSetError(f"{path}: expected a pickled (images, issame) pair, got "
+                           f"{type(content).__name__}")
+    bins, issame = content
+    if not isinstance(bins, (list, tuple, np.ndarray)):
+        raise PairSetError(f"{path}: the images are a {type(bins).__name__}, expected a list")
+    images = [_as_bytes(item, i, path) for i, item in enumerate(bins)]
+    try:
+        issame_arr = np.asarray(issame)
+    except Exception as exc:  # pragma: no cover
+        raise PairSetError(f"{path}: issame list is not an array of booleans ({exc})") from exc
+    if issame_arr.ndim != 1 or not (issame_arr.dtype == np.bool_ or
+                                    np.issubdtype(issame_arr.dtype, np.integer)):
+        raise PairSetError(f"{path}: issame must be a list of booleans, got dtype "
+                           f"{issame_arr.dtype} and shape {issame_arr.shape}")
+    if issame_arr.dtype != np.bool_:
+        if not np.isin(issame_arr, (0, 1)).all():
+            raise PairSetError(f"{path}: issame holds values other than 0/1")
+        issame_arr = issame_arr.astype(bool)
+    if len(images) != 2 * len(issame_arr):
+        raise PairSetError(f"{path}: {len(images)} images for {len(issame_arr)} pairs; a pair "
+                           f"set holds exactly 2 images per pair")
+    return images, issame_arr
+
+
+def write_pair_bin(path: PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write a ``.bin`` pair set in the public layout: a pickled ``(list of bytes, list of bool)``."""
+    path = Path(path)
+    images = [bytes(img) for img in images]
+    flags = [bool(x) for x in issame]
+    if len(images) != 2 * len(flags):
+        raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs; need 2 per pair")
+    _atomic_write(path, lambda f: pickle.dump((images, flags), f, protocol=4))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Memfiles
+# ----------------------------------------------------------------------------------------------
+def memfile_paths(root: PathLike, name: str) -> tuple[Path, Path, Path]:
+    """``(mem_file.dat, mem_file.dat.conf, <name>_list.npy)`` of pair set ``name`` under ``root``."""
+    root = Path(root)
+    dat = root / name / "memfile" / "mem_file.dat"
+    return dat, dat.with_name(dat.name + ".conf"), root / f"{name}_list.npy"
+
+
+def _convert_hint(root: Path) -> str:
+    return f"create it with: python convert.py --rec_path {root} --make_validation_memfiles"
+
+
+def open_memfile(root: PathLike, name: str) -> tuple[np.memmap, np.ndarray]:
+    """Open pair set ``name``: read-only memmap ``(N, 3, 112, 112)`` float32 and ``issame`` (P,)."""
+    root = Path(root)
+    dat, conf, lst = memfile_paths(root, name)
+    for path in (dat, conf, lst):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: memfile of pair set '{name}' not found; "
+                                    f"{_convert_hint(root)}")
+    try:
+        config = json.loads(conf.read_text())
+        shape = tuple(int(s) for s in config["shape"])
+        dtype = np.dtype(config["dtype"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PairSetError(f"{conf}: not a memfile description with 'shape' and 'dtype' "
+                           f"({exc})") from exc
+    if len(shape) != 4 or shape[1:] != MEMFILE_SHAPE_TAIL or dtype != np.float32:
+        raise PairSetError(f"{conf}: expected shape (N, 3, 112, 112) float32, found {shape} "
+                           f"{dtype}")
+    expected = int(np.prod(shape)) * dtype.itemsize
+    actual = dat.stat().st_size
+    if actual != expected:
+        raise PairSetError(f"{dat}: {actual} bytes, but {conf.name} describes {shape} {dtype} "
+                           f"= {expected} bytes; the conversion was interrupted, "
+                           f"{_convert_hint(root)}")
+    try:
+        issame = np.load(lst, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise PairSetError(f"{lst}: not a readable .npy file ({exc})") from exc
+    if issame.ndim != 1 or 2 * issame.size != shape[0]:
+        raise PairSetError(f"{lst}: {issame.size} pairs, but {dat} holds {shape[0]} images "
+                           f"(need 2 per pair)")
+    data = np.memmap(dat, mode="r", dtype=dtype, shape=shape)
+    return data, issame.astype(bool, copy=False)
+
+
+def memfile_exists(root: PathLike, name: str) -> bool:
+    """Whether a complete, consistent memfile of ``name`` exists under ``root``."""
+    try:
+        data, _ = open_memfile(root, name)
+    except (OSError, PairSetError):
+        return False
+    del data
+    return True
+
+
+def _read_conf(conf: Path) -> dict:
+    try:
+        return json.loads(conf.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _decode_one(args: tuple[bytes, str, bool]) -> np.ndarray:
+    data, source, swap = args
+    rgb = decode_image_bytes(data, source)
+    check_input_size(rgb, source)
+    if swap:
+        rgb = swap_red_blue(rgb)
+    return rgb_to_input_array(rgb)
+
+
+def bin_to_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = None,
+                   swap_color_channel: bool = False, show_progress: bool = True,
+                   num_workers: int = 0) -> Path:
+    """Convert a ``.bin`` pair set into the memfile layout under ``root``; returns the ``.dat`` path.
+
+    Every image is decoded to RGB (it must be 112x112), red and blue are exchanged first when
+    ``swap_color_channel`` (a source whose images hold them swapped), then turned into the
+    network input with :func:`utils.image.rgb_to_input_array`. ``num_workers > 0`` decodes in
+    that many processes. The ``.conf`` is written last, so an interrupted conversion is never
+    mistaken for a complete one.
+    """
+    bin_path = Path(bin_path)
+    root = Path(root)
+    name = name or bin_path.name.split(".")[0]
+    images, issame = load_pair_bin(bin_path)
+    dat, conf, lst = memfile_paths(root, name)
+    dat.parent.mkdir(parents=True, exist_ok=True)
+    if conf.exists():
+        conf.unlink()  # mark incomplete until done
+    shape = (len(images),) + MEMFILE_SHAPE_TAIL
+    tmp = dat.with_name(dat.name + ".tmp")
+    mm = np.memmap(tmp, mode="w+", dtype=MEMFILE_DTYPE, shape=shape) if len(images) else None
+    tasks = ((img, f"{bin_path}: image {i}", swap_color_channel) for i, img in enumerate(images))
+    bar = tqdm(total=len(images), desc=f"{name} -> memfile", unit="img",
+               disable=not show_progress)
+    try:
+        if num_workers > 0 and len(images) > 1:
+            with Pool(num_workers) as pool:
+                for i, arr in enumerate(pool.imap(_decode_one, tasks, chunksize=64)):
+                    mm[i] = arr
+                    bar.update()
+        else:
+            for i, task in enumerate(tasks):
+                mm[i] = _decode_one(task)
+                bar.update()
+    except BaseException as exc:
+        bar.close()
+        del mm
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (ImageDecodeError, ValueError)) and not isinstance(exc, PairSetError):
+            raise PairSetError(str(exc)) from exc
+        raise
+    bar.close()
+    if mm is not None:
+        mm.flush()
+        del mm
+    if not len(images):
+        tmp.write_bytes(b"")
+    os.replace(tmp, dat)
+    _atomic_write(lst, lambda f: np.save(f, issame.astype(bool)))
+    config = {"shape": list(shape), "dtype": MEMFILE_DTYPE,
+              "source": str(bin_path), "swap_color_channel": bool(swap_color_channel)}
+    _atomic_write(conf, lambda f: f.write(json.dumps(config).encode("utf-8")))
+    logger.info("wrote %s (%d images, %d pairs)", dat, len(images), len(issame))
+    return dat
+
+
+def memfile_matches(root: PathLike, name: str, swap_color_channel: bool = False) -> bool:
+    """Whether a complete memfile of ``name`` exists and was made with this colour setting.
+
+    Memfiles from the original AdaFace code do not record the setting and count as made
+    without the swap.
+    """
+    if not memfile_exists(root, name):
+        return False
+    _, conf, _ = memfile_paths(root, name)
+    return bool(_read_conf(conf).get("swap_color_channel", False)) == bool(swap_color_channel)
