@@ -1,0 +1,281 @@
+"""The one place that loads a backbone from a checkpoint.
+
+Training (``--start_from_model_statedict``), every evaluation script and inference import this
+module. It reads the published AdaFace Lightning checkpoints (``state_dict`` with ``model.*``
+backbone keys and ``head.*`` margin-head keys, pickled training arguments in
+``hyper_parameters``), bare backbone state dicts, ``model.``-prefixed state dicts and DDP
+(``module.``) or ``torch.compile`` (``_orig_mod.``) prefixed ones. A checkpoint that does not fit
+the backbone is refused with the missing, unexpected and mis-shaped keys named, and, when its keys
+are those of another architecture, with that architecture's name.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from net import ARCHITECTURE_CONFIG, ARCHITECTURES, build_model, num_units
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+MODEL_PREFIX = 'model.'
+HEAD_PREFIX = 'head.'
+# Wrapper prefixes removed when every key carries them: DDP / DataParallel and torch.compile.
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+# Harmless classes found in Lightning checkpoints (training arguments, scheduler milestones).
+_SAFE_GLOBALS = [argparse.Namespace, collections.Counter, collections.OrderedDict]
+_LIST_AT_MOST = 5
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the backbone."""
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """Load a checkpoint file on the CPU and return its top-level dict.
+
+    The safe loader (``weights_only=True``, with ``argparse.Namespace`` allowed) is tried first.
+    Published Lightning files may pickle other objects among their training arguments; those are
+    loaded with ``weights_only=False`` and a logged warning, so only read files you trust.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        checkpoint = _torch_load(path, weights_only=True)
+    except pickle.UnpicklingError as safe_exc:
+        # The safe unpickler refused something; the full unpickler may still read it.
+        reason = str(safe_exc).strip().splitlines()[-1] if str(safe_exc).strip() else type(safe_exc).__name__
+        try:
+            checkpoint = _torch_load(path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not a readable checkpoint
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                                  f"({type(exc).__name__}: {_first_line(exc)})") from exc
+        logger.warning("%s: the safe loader (weights_only=True) refused it (%s); loaded it with "
+                       "weights_only=False instead. Only load checkpoints from sources you trust.",
+                       path, reason)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from exc
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(checkpoint).__name__}, "
+                              f"not a dict of tensors or a Lightning checkpoint dict")
+    return dict(checkpoint)
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    if weights_only and hasattr(torch.serialization, 'safe_globals'):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=weights_only)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _strip_common_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``) that every key carries."""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def extract_backbone_state_dict(checkpoint_or_state_dict: Mapping, source: str = '<dict>') -> dict:
+    """Return the backbone's state dict (keys as in ``net.py``) from any supported layout.
+
+    Accepts a Lightning checkpoint (``state_dict`` with ``model.*`` and ``head.*`` keys), a bare
+    backbone state dict, or a bare state dict whose keys carry the ``model.`` prefix; ``module.``
+    and ``_orig_mod.`` wrapper prefixes are removed; ``head.*`` and other non-backbone keys are
+    dropped. ``source`` names the file in error messages.
+    """
+    if not isinstance(checkpoint_or_state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a checkpoint dict or a state dict, "
+                              f"got {type(checkpoint_or_state_dict).__name__}")
+    if 'state_dict' in checkpoint_or_state_dict:
+        state = checkpoint_or_state_dict['state_dict']
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{source}: its 'state_dict' entry is a {type(state).__name__}, "
+                                  f"not a dict of tensors")
+    else:
+        state = checkpoint_or_state_dict
+    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if not_tensors or not state:
+        top = ', '.join(map(str, list(checkpoint_or_state_dict)[:10]))
+        raise CheckpointError(f"{source}: neither a Lightning checkpoint (no 'state_dict' entry) nor a "
+                              f"state dict of tensors (top-level keys: {top or 'none'})")
+    state = _strip_common_prefixes({str(k): v for k, v in state.items()})
+
+    if any(k.startswith(MODEL_PREFIX) for k in state):
+        backbone = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+        dropped = [k for k in state if not k.startswith(MODEL_PREFIX)]
+    else:
+        backbone = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+        dropped = [k for k in state if k.startswith(HEAD_PREFIX)]
+    if dropped:
+        logger.debug("%s: ignoring %d non-backbone keys (%s)", source, len(dropped),
+                     _name_some(dropped))
+    backbone = _strip_common_prefixes(backbone)
+    if not backbone:
+        raise CheckpointError(f"{source}: holds no backbone weights (only {_name_some(dropped)})")
+    return backbone
+
+
+@functools.lru_cache(maxsize=None)
+def _architecture_signature(arch: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Names and shapes of an architecture's state dict, built on the meta device (no memory)."""
+    with torch.device('meta'):
+        model = build_model(arch)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def _signature(state_dict: Mapping) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((k, tuple(v.shape)) for k, v in state_dict.items())
+
+
+def guess_architecture(state_dict: Mapping) -> Optional[str]:
+    """The name in ``ARCHITECTURES`` whose backbone keys and shapes equal those of ``state_dict``.
+
+    Any layout ``extract_backbone_state_dict`` accepts works; returns ``None`` when none fits.
+    """
+    try:
+        backbone = extract_backbone_state_dict(state_dict)
+    except CheckpointError:
+        return None
+    # The number of body units and the presence of SE blocks single out one candidate; its full
+    # name/shape signature (built once, on the meta device) must then match exactly.
+    units = {int(k.split('.')[1]) for k in backbone if k.startswith('body.') and k.split('.')[1].isdigit()}
+    has_se = any('.se_block.' in k for k in backbone)
+    candidates = [a for a in ARCHITECTURES
+                  if ARCHITECTURE_CONFIG[a][1] == has_se and num_units(a) == len(units)]
+    wanted = sorted(_signature(backbone))
+    for arch in candidates:
+        if sorted(_architecture_signature(arch)) == wanted:
+            return arch
+    return None
+
+
+def _name_some(names: list[str]) -> str:
+    shown = ', '.join(names[:_LIST_AT_MOST])
+    more = len(names) - _LIST_AT_MOST
+    return shown + (f", ... and {more} more" if more > 0 else '')
+
+
+def _fmt_shape(shape) -> str:
+    return 'x'.join(map(str, shape)) if len(shape) else 'scalar'
+
+
+def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping], strict: bool = True,
+                          source: Optional[str] = None) -> None:
+    """Copy backbone weights from ``checkpoint`` (a file path or an already loaded dict) into ``model``.
+
+    With ``strict=True`` any missing key, unexpected key or shape mismatch raises a
+    ``CheckpointError`` that names the file, the offending keys, and, when the checkpoint's keys
+    are those of another architecture, that architecture. With ``strict=False`` the matching keys
+    are loaded and the rest is logged as a warning.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        source = source or str(checkpoint)
+        checkpoint = read_checkpoint(checkpoint)
+    source = source or '<dict>'
+    loaded = extract_backbone_state_dict(checkpoint, source)
+    expected = model.state_dict()
+
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    mismatched = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_name_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
+    if mismatched:
+        details = [f"{k} (checkpoint {_fmt_shape(loaded[k].shape)}, model {_fmt_shape(expected[k].shape)})"
+                   for k in mismatched]
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_name_some(details)}")
+
+    if not problems:
+        model.load_state_dict(loaded, strict=True)
+        logger.info("%s: loaded %d backbone tensors", source, len(loaded))
+        return
+
+    model_arch = getattr(model, 'arch', None) or guess_architecture(expected) or type(model).__name__
+    checkpoint_arch = guess_architecture(loaded)
+    hint = ''
+    if checkpoint_arch is not None and checkpoint_arch != model_arch:
+        hint = f"this looks like an {checkpoint_arch} checkpoint, but the model is {model_arch}. "
+    message = (f"{source}: {hint}The checkpoint does not fit the {model_arch} backbone: "
+               + '; '.join(problems))
+    if strict:
+        raise CheckpointError(message)
+    usable = {k: v for k, v in loaded.items() if k in expected and k not in mismatched}
+    model.load_state_dict(usable, strict=False)
+    logger.warning("%s (strict=False: loaded the %d matching tensors)", message, len(usable))
+
+
+def load_pretrained_backbone(arch: str, ckpt_path: PathLike,
+                             device: Union[str, torch.device] = 'cpu') -> nn.Module:
+    """Build ``arch`` (a name in ``net.ARCHITECTURES``), load ``ckpt_path`` strictly, move it to
+    ``device`` and return it in eval mode."""
+    model = build_model(arch)
+    load_backbone_weights(model, ckpt_path, strict=True)
+    return model.to(device).eval()
+
+
+def _cpu_state(obj: Union[nn.Module, Mapping]) -> dict[str, torch.Tensor]:
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_lightning_style_checkpoint(path: PathLike, model: Union[nn.Module, Mapping],
+                                    head_state: Union[nn.Module, Mapping, None] = None,
+                                    hyper_parameters: Any = None, **extra: Any) -> Path:
+    """Write a checkpoint in the published Lightning layout and return its path.
+
+    ``state_dict`` holds ``model.<key>`` for the backbone (a module or its state dict) and
+    ``head.<key>`` for ``head_state`` (e.g. AdaFace's ``kernel``, ``t``, ``batch_mean``,
+    ``batch_std``); ``hyper_parameters`` is stored as given (the published files hold an
+    ``argparse.Namespace``); ``extra`` adds or overrides top-level entries.
+    """
+    path = Path(path)
+    state = {MODEL_PREFIX + k: v for k, v in _cpu_state(model).items()}
+    if head_state is not None:
+        state.update({HEAD_PREFIX + k: v for k, v in _cpu_state(head_state).items()})
+    checkpoint: dict[str, Any] = {
+        'epoch': 0,
+        'global_step': 0,
+        'pytorch-lightning_version': _lightning_version(),
+        'state_dict': state,
+    }
+    if hyper_parameters is not None:
+        checkpoint['hyper_parameters'] = hyper_parameters
+    checkpoint.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+def _lightning_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('pytorch-lightning')
+    except PackageNotFoundError:
+        return 'unknown'
