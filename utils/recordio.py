@@ -639,19 +639,42 @@ def _label_of(prefix: bytes, reader: RecordReader, key: int) -> float:
     return label
 
 
+def face_pack_image_keys(reader: RecordReader) -> np.ndarray:
+    """Keys of the image records of a face pack, without reading the images.
+
+    With an InsightFace header record (key 0, ``flag > 0``, label ``[a, b]``) the images are keys
+    ``1 .. a-1``; otherwise every key of the ``.idx`` is an image.
+    """
+    if len(reader) and 0 in reader:
+        offset = reader.offset(0)
+        header, _ = unpack_record(reader.read_prefix(0, IR_SIZE + 8),
+                                  f"{reader.rec_path}: key 0 (byte offset {offset})")
+        if header.flag > 0:
+            if header.flag < 2:
+                raise RecordIOError(f"{reader.rec_path}: key 0 (byte offset {offset}): header "
+                                    f"record label {header.label} is not an [images end, "
+                                    f"identities end] pair")
+            end_images = int(header.label[0])
+            if end_images < 1 or end_images > len(reader):
+                raise RecordIOError(f"{reader.rec_path}: key 0 (byte offset {offset}): header "
+                                    f"record says images are keys 1..{end_images - 1}, but the "
+                                    f"index lists {len(reader)} records")
+            return np.arange(1, end_images, dtype=np.int64)
+    return reader.key_array.astype(np.int64, copy=True)
+
+
+def image_label(header: IRHeader, source: str = "<record>") -> int:
+    """The integer identity of an image record (first value of an array label)."""
+    label = header.label if header.flag == 0 else header.label[0]
+    label = float(label)
+    if not (label >= 0 and label.is_integer()):
+        raise RecordIOError(f"{source}: label {label} is not a non-negative integer identity")
+    return int(label)
+
+
 def build_face_pack_index(reader: RecordReader, show_progress: bool = True) -> FacePackIndex:
     """List the images of a face pack and read each one's label (small reads, no payloads)."""
-    image_keys: np.ndarray
-    if len(reader) and 0 in reader:
-        header, _ = unpack_record(reader.read_prefix(0, IR_SIZE + 8),
-                                  f"{reader.rec_path}: key 0 (byte offset {reader.offset(0)})")
-    else:
-        header = None
-    if header is not None and header.flag > 0:
-        end_images = int(header.label[0])
-        image_keys = np.arange(1, end_images, dtype=np.int64)
-    else:
-        image_keys = reader.key_array.astype(np.int64, copy=True)
+    image_keys = face_pack_image_keys(reader)
     labels = np.empty(image_keys.size, dtype=np.int64)
     for i, key in enumerate(tqdm(image_keys.tolist(), desc=f"indexing labels of "
                                  f"{reader.rec_path.name}", unit="rec", mininterval=1.0,

@@ -1,0 +1,412 @@
+"""Convert between the public face-data formats and the layouts training reads.
+
+Usage::
+
+    python convert.py --rec_path <root>/faces_emore            # both steps below
+    python convert.py --rec_path <root>/faces_emore --make_image_files
+    python convert.py --rec_path <root>/faces_emore --make_validation_memfiles
+    python convert.py --rebuild_index --rec_path <root>/faces_emore/train.rec
+    python convert.py --make_record --image_folder <dir> --rec_path <out_dir>
+
+Image files are written in true colours, exactly the JPEG bytes stored in the pack; the
+validation memfiles hold the network input (BGR, ``(pixel/255 - 0.5)/0.5``). Every step can be
+interrupted and rerun: finished outputs are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from prettytable import PrettyTable
+from tqdm import tqdm
+
+from utils.image import (ImageDecodeError, check_input_size, decode_image_bytes, encode_jpeg,
+                         swap_red_blue)
+from utils.pairsets import PairSetError, bin_to_memfile, memfile_matches
+from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_pack_image_keys,
+                            image_label, load_face_pack_index, read_face_record, rebuild_index,
+                            write_face_pack)
+
+logger = logging.getLogger("convert")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SWAPPED_JPEG_QUALITY = 100
+CHUNK = 256
+INFO_NAME = ".convert_info.json"
+
+
+class ConvertError(Exception):
+    """A conversion cannot proceed (the message says why and what to do)."""
+
+
+class Summary:
+    """Rows of the closing table: step, written, skipped, total, seconds."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, int, int, float]] = []
+
+    def add(self, step: str, written: int, skipped: int, seconds: float) -> None:
+        self.rows.append((step, written, skipped, written + skipped, seconds))
+
+    def table(self) -> PrettyTable:
+        table = PrettyTable(["step", "written", "skipped", "total", "seconds"])
+        for step, written, skipped, total, seconds in self.rows:
+            table.add_row([step, written, skipped, total, f"{seconds:.1f}"])
+        table.align["step"] = "l"
+        return table
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _image_extension(data: bytes) -> str:
+    return ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+
+
+# ----------------------------------------------------------------------------------------------
+# RecordIO -> image folders
+# ----------------------------------------------------------------------------------------------
+_unpack_state: dict = {}
+
+
+def _init_unpack(reader: RecordReader, out_dir: Path, swap: bool) -> None:
+    _unpack_state.update(reader=reader, out_dir=out_dir, swap=swap, made_dirs=set())
+
+
+def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
+    """Write the images of ``keys``; returns (written, skipped)."""
+    reader: RecordReader = _unpack_state["reader"]
+    out_dir: Path = _unpack_state["out_dir"]
+    swap: bool = _unpack_state["swap"]
+    made_dirs: set = _unpack_state["made_dirs"]
+    written = skipped = 0
+    for key in keys:
+        source = f"{reader.rec_path}: key {key}"
+        header, image = read_face_record(reader, key)
+        label = image_label(header, source)
+        label_dir = out_dir / str(label)
+        if label not in made_dirs:
+            label_dir.mkdir(parents=True, exist_ok=True)
+            made_dirs.add(label)
+        if swap:
+            path = label_dir / f"{key}.jpg"
+            if path.is_file() and path.stat().st_size > 0:
+                skipped += 1
+                continue
+            rgb = swap_red_blue(decode_image_bytes(image, source))
+            _atomic_write_bytes(path, encode_jpeg(rgb, quality=SWAPPED_JPEG_QUALITY))
+        else:
+            path = label_dir / f"{key}{_image_extension(image)}"
+            if path.is_file() and path.stat().st_size == len(image):
+                skipped += 1
+                continue
+            _atomic_write_bytes(path, image)
+        written += 1
+    return written, skipped
+
+
+def _check_settings(info_path: Path, settings: dict) -> None:
+    """Refuse to mix outputs made with different settings in one folder."""
+    if info_path.is_file():
+        try:
+            previous = json.loads(info_path.read_text())
+        except ValueError:
+            previous = {}
+        if previous.get("swap_color_channel") not in (None, settings["swap_color_channel"]):
+            raise ConvertError(
+                f"{info_path.parent} was written with swap_color_channel="
+                f"{previous['swap_color_channel']}; delete it or rerun with the same setting")
+    info_path.parent.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps(settings) + "\n")
+
+
+def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
+                     show_progress: bool = True) -> tuple[int, int]:
+    """Unpack ``<rec_path>/train.rec`` into ``<rec_path>/imgs/<label>/<key>.jpg``."""
+    rec_file = rec_path / "train.rec"
+    reader = RecordReader(rec_file)
+    keys = face_pack_image_keys(reader).tolist()
+    out_dir = rec_path / "imgs"
+    _check_settings(out_dir / INFO_NAME, {"source": str(rec_file.resolve()),
+                                          "swap_color_channel": bool(swap_color_channel)})
+    written = skipped = 0
+    bar = tqdm(total=len(keys), desc="train.rec -> imgs/", unit="img", disable=not show_progress)
+    chunks = list(_chunks(keys, CHUNK))
+    try:
+        if num_workers > 1 and len(chunks) > 1:
+            with Pool(num_workers, initializer=_init_unpack,
+                      initargs=(reader, out_dir, swap_color_channel)) as pool:
+                for (w, s), chunk in zip(pool.imap(_unpack_chunk, chunks), chunks):
+                    written, skipped = written + w, skipped + s
+                    bar.update(len(chunk))
+        else:
+            _init_unpack(reader, out_dir, swap_color_channel)
+            for chunk in chunks:
+                w, s = _unpack_chunk(chunk)
+                written, skipped = written + w, skipped + s
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        reader.close()
+    return written, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# .bin -> memfiles
+# ----------------------------------------------------------------------------------------------
+def find_pair_bins(rec_path: Path) -> list[Path]:
+    return sorted(p for p in rec_path.glob("*.bin") if p.is_file())
+
+
+def make_validation_memfiles(rec_path: Path, swap_color_channel: bool, num_workers: int,
+                             overwrite: bool = False,
+                             show_progress: bool = True) -> tuple[list[str], list[str]]:
+    """Turn every ``*.bin`` in ``rec_path`` into ``<rec_path>/<name>/memfile``; (written, skipped)."""
+    written, skipped = [], []
+    for bin_path in find_pair_bins(rec_path):
+        name = bin_path.name.split(".")[0]
+        if not overwrite and memfile_matches(rec_path, name, swap_color_channel):
+            skipped.append(name)
+            continue
+        bin_to_memfile(bin_path, rec_path, name=name, swap_color_channel=swap_color_channel,
+                       show_progress=show_progress, num_workers=num_workers)
+        written.append(name)
+    return written, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folder -> RecordIO
+# ----------------------------------------------------------------------------------------------
+def _sorted_names(items: list, key) -> list:
+    """Sort by name; numerically when every name is an integer (``2`` before ``10``)."""
+    if items and all(key(item).isdigit() for item in items):
+        return sorted(items, key=lambda item: (int(key(item)), key(item)))
+    return sorted(items, key=key)
+
+
+def list_image_folder(image_folder: Path) -> tuple[list[str], list[tuple[int, Path]]]:
+    """Identities and their image files, both sorted by name (numerically when every name is an
+    integer, so that a folder written by ``--make_image_files`` packs back to the same labels)."""
+    if not image_folder.is_dir():
+        raise ConvertError(f"{image_folder}: image folder not found")
+    names = _sorted_names([p.name for p in image_folder.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")], key=lambda n: n)
+    samples: list[tuple[int, Path]] = []
+    identities: list[str] = []
+    for name in names:
+        files = _sorted_names([p for p in (image_folder / name).iterdir()
+                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                               and not p.name.startswith(".")], key=lambda p: p.stem)
+        if not files:
+            logger.warning("%s: no images, identity skipped", image_folder / name)
+            continue
+        label = len(identities)
+        identities.append(name)
+        samples.extend((label, f) for f in files)
+    if not samples:
+        raise ConvertError(f"{image_folder}: no identity subfolders with images "
+                           f"({', '.join(IMAGE_EXTENSIONS)})")
+    return identities, samples
+
+
+def _encode_for_pack(task: tuple[Path, bool]) -> bytes:
+    """Bytes to store for one image file: unchanged, or colour-swapped and re-encoded."""
+    path, swap = task
+    data = path.read_bytes()
+    rgb = decode_image_bytes(data, str(path))
+    check_input_size(rgb, str(path))
+    if swap:
+        return encode_jpeg(swap_red_blue(rgb), quality=SWAPPED_JPEG_QUALITY)
+    return data
+
+
+def _pack_exists(rec_file: Path, num_images: int, num_classes: int) -> bool:
+    if not (rec_file.is_file() and default_idx_path(rec_file).is_file()):
+        return False
+    try:
+        reader = RecordReader(rec_file)
+        keys = face_pack_image_keys(reader)
+        return keys.size == num_images and len(reader) == num_images + num_classes + 1
+    except RecordIOError:
+        return False
+
+
+def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num_workers: int,
+                overwrite: bool = False, show_progress: bool = True) -> tuple[int, int]:
+    """Pack ``image_folder`` (one subfolder per identity) into ``out_dir/train.rec`` + ``.idx``."""
+    identities, samples = list_image_folder(image_folder)
+    rec_file = out_dir / "train.rec"
+    if not overwrite and _pack_exists(rec_file, len(samples), len(identities)):
+        return 0, len(samples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_rec = out_dir / ".train.rec.tmp"
+    tasks = [(path, swap_color_channel) for _, path in samples]
+    bar = tqdm(total=len(samples), desc=f"{image_folder.name} -> train.rec", unit="img",
+               disable=not show_progress)
+
+    def payloads(encoded: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+        for (label, _), data in zip(samples, encoded):
+            bar.update()
+            yield label, data
+
+    try:
+        if num_workers > 1 and len(tasks) > 1:
+            with Pool(num_workers) as pool:
+                write_face_pack(tmp_rec, payloads(pool.imap(_encode_for_pack, tasks,
+                                                             chunksize=64)))
+        else:
+            write_face_pack(tmp_rec, payloads(map(_encode_for_pack, tasks)))
+    except BaseException:
+        for path in (tmp_rec, default_idx_path(tmp_rec)):
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    os.replace(default_idx_path(tmp_rec), default_idx_path(rec_file))
+    os.replace(tmp_rec, rec_file)
+    (out_dir / "identities.tsv").write_text(
+        "".join(f"{label}\t{name}\n" for label, name in enumerate(identities)))
+    load_face_pack_index(rec_file, show_progress=show_progress)  # cache the labels now
+    return len(samples), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "With only --rec_path DIR, both --make_image_files and --make_validation_memfiles "
+            "run.\n\n"
+            "Colours: the public packs and .bin files hold true-colour JPEGs. Without "
+            "--swap_color_channel the image files are the pack's JPEG bytes, unchanged, and the "
+            "memfiles hold BGR network input made from the decoded RGB images. "
+            "--swap_color_channel declares that the SOURCE holds red and blue swapped: image "
+            "files are decoded, red and blue exchanged and re-encoded as JPEG (quality 100) so "
+            "that they hold true colours; memfiles are converted with red and blue exchanged; "
+            "with --make_record each image is decoded, swapped and re-encoded (quality 100) "
+            "before packing. Do not use it on the public releases."))
+    parser.add_argument("-r", "--rec_path", type=Path, default=Path("./faces_emore"),
+                        help="folder holding train.rec/train.idx and *.bin (default "
+                             "./faces_emore); with --rebuild_index the .rec file itself (or its "
+                             "folder); with --make_record the output folder")
+    parser.add_argument("--make_image_files", action="store_true",
+                        help="unpack train.rec into <rec_path>/imgs/<label>/<key>.jpg")
+    parser.add_argument("--make_validation_memfiles", action="store_true",
+                        help="turn every <rec_path>/*.bin into <rec_path>/<name>/memfile/"
+                             "mem_file.dat(+.conf) and <rec_path>/<name>_list.npy")
+    parser.add_argument("--rebuild_index", action="store_true",
+                        help="rebuild the missing .idx of --rec_path by scanning the .rec")
+    parser.add_argument("--make_record", action="store_true",
+                        help="pack --image_folder (one subfolder per identity, sorted by name; "
+                             "numerically when all names are integers) into "
+                             "<rec_path>/train.rec/.idx with an InsightFace header record")
+    parser.add_argument("--image_folder", type=Path, default=None,
+                        help="input folder of --make_record")
+    parser.add_argument("--swap_color_channel", action="store_true",
+                        help="the source holds red and blue swapped: swap them back while "
+                             "converting (see below)")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for decoding/encoding/writing (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo work whose output already exists")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _resolve_rec_file(path: Path) -> Path:
+    return path / "train.rec" if path.is_dir() else path
+
+
+def run(args: argparse.Namespace) -> Summary:
+    summary = Summary()
+    progress = not args.no_progress
+    workers = max(1, int(args.num_workers))
+    if args.rebuild_index:
+        rec_file = _resolve_rec_file(args.rec_path)
+        idx_file = default_idx_path(rec_file)
+        start = time.time()
+        if idx_file.is_file() and not args.overwrite:
+            count = len(RecordReader(rec_file))
+            summary.add(f"index {idx_file.name} (exists)", 0, count, time.time() - start)
+        else:
+            count = rebuild_index(rec_file, show_progress=progress)
+            summary.add(f"index {idx_file.name}", count, 0, time.time() - start)
+        return summary
+    if args.make_record:
+        if args.image_folder is None:
+            raise ConvertError("--make_record needs --image_folder DIR")
+        start = time.time()
+        written, skipped = make_record(args.image_folder, args.rec_path, args.swap_color_channel,
+                                       workers, overwrite=args.overwrite, show_progress=progress)
+        summary.add(f"{args.image_folder.name} -> train.rec", written, skipped, time.time() - start)
+        return summary
+
+    explicit = args.make_image_files or args.make_validation_memfiles
+    do_images = args.make_image_files or not explicit
+    do_memfiles = args.make_validation_memfiles or not explicit
+    rec_path = args.rec_path
+    if not rec_path.is_dir():
+        raise ConvertError(f"{rec_path}: folder not found (give the folder that holds train.rec "
+                           f"and the .bin files)")
+    has_rec = (rec_path / "train.rec").is_file()
+    bins = find_pair_bins(rec_path)
+    if do_images and not has_rec:
+        if args.make_image_files:
+            raise ConvertError(f"{rec_path / 'train.rec'}: not found")
+        logger.warning("%s: no train.rec, image files skipped", rec_path)
+        do_images = False
+    if do_memfiles and not bins:
+        if args.make_validation_memfiles:
+            raise ConvertError(f"{rec_path}: no *.bin pair sets found")
+        logger.warning("%s: no *.bin pair sets, memfiles skipped", rec_path)
+        do_memfiles = False
+    if not (do_images or do_memfiles):
+        raise ConvertError(f"{rec_path}: neither train.rec nor *.bin files found")
+    if do_images:
+        start = time.time()
+        written, skipped = make_image_files(rec_path, args.swap_color_channel, workers,
+                                            show_progress=progress)
+        summary.add("train.rec -> imgs/ (images)", written, skipped, time.time() - start)
+    if do_memfiles:
+        start = time.time()
+        written_sets, skipped_sets = make_validation_memfiles(
+            rec_path, args.swap_color_channel, workers, overwrite=args.overwrite,
+            show_progress=progress)
+        summary.add("*.bin -> memfiles (pair sets)", len(written_sets), len(skipped_sets),
+                    time.time() - start)
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (ConvertError, RecordIOError, PairSetError, ImageDecodeError, FileNotFoundError,
+            ValueError) as exc:
+        print(f"convert.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
