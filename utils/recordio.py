@@ -215,10 +215,20 @@ def _parse_idx(idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
             values = np.fromstring(text.decode("ascii"), dtype=np.int64, sep=" ")
     except (UnicodeDecodeError, ValueError, AttributeError):
         pass
-    if values is None or values.size != 2 * lines:
+    if values is None or values.size != 2 * lines or not _one_tab_per_line(text, lines):
         values = _parse_idx_lines(idx_path, raw)  # slow path: blank lines or an error to report
     pairs = values.reshape(-1, 2)
     return np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+
+
+def _one_tab_per_line(text: bytes, lines: int) -> bool:
+    buf = np.frombuffer(text, dtype=np.uint8)
+    tabs = np.flatnonzero(buf == 9)
+    if tabs.size != lines:
+        return False
+    ends = np.append(np.flatnonzero(buf == 10), buf.size)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return bool(np.all((tabs > starts) & (tabs < ends)))
 
 
 def _parse_idx_lines(idx_path: Path, raw: bytes) -> np.ndarray:
@@ -654,7 +664,12 @@ def face_pack_image_keys(reader: RecordReader) -> np.ndarray:
                 raise RecordIOError(f"{reader.rec_path}: key 0 (byte offset {offset}): header "
                                     f"record label {header.label} is not an [images end, "
                                     f"identities end] pair")
-            end_images = int(header.label[0])
+            end_images, end_ids = float(header.label[0]), float(header.label[1])
+            if not (end_images.is_integer() and end_ids.is_integer() and end_ids >= end_images):
+                raise RecordIOError(f"{reader.rec_path}: key 0 (byte offset {offset}): header "
+                                    f"record label {header.label.tolist()} is not an [images "
+                                    f"end, identities end] pair of keys")
+            end_images = int(end_images)
             if end_images < 1 or end_images > len(reader):
                 raise RecordIOError(f"{reader.rec_path}: key 0 (byte offset {offset}): header "
                                     f"record says images are keys 1..{end_images - 1}, but the "
