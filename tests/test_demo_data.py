@@ -1,0 +1,162 @@
+"""Tests of utils.demo_data: determinism, the real formats, disjoint identities, quality records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils.demo_data import (IdentityBank, Quality, RenderInfo, draw_quality, ensure_demo_data,
+                             generate_demo_data, main, read_quality_table, render_identity_image)
+from utils.image import decode_image_bytes, rgb_to_input_array
+from utils.pairsets import VAL_SET_NAMES, load_pair_bin, open_memfile
+from utils.recordio import RecordReader, load_face_pack_index, read_face_record
+
+TINY = dict(num_train_ids=4, imgs_per_id=3, num_val_ids=5, pairs_per_set=4, show_progress=False)
+
+
+def _data_files(root: Path) -> dict:
+    """Bytes of every file that must be deterministic (the memfile .conf names its source path)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.endswith(".conf") and p.suffix != ".npz"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return generate_demo_data(tmp_path_factory.mktemp("demo") / "d", seed=3, **TINY)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tiny, tmp_path):
+    again = generate_demo_data(tmp_path / "again", seed=3, **TINY)
+    first, second = _data_files(tiny["root"]), _data_files(again["root"])
+    assert first.keys() == second.keys()
+    assert all(first[k] == second[k] for k in first), [k for k in first if first[k] != second[k]]
+    other = _data_files(generate_demo_data(tmp_path / "other", seed=4, **TINY)["root"])
+    assert other.keys() == first.keys()
+    for name in ["train.rec", "lfw.bin", "quality.csv"]:
+        assert other[name] != first[name]
+
+
+def test_pack_and_image_folder_hold_the_same_images(tiny):
+    root = tiny["root"]
+    index = load_face_pack_index(tiny["rec"], cache_dir=root / "cache", show_progress=False)
+    assert index.num_classes == 4 and len(index) == 12
+    assert index.keys.tolist() == list(range(1, 13))
+    assert index.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    reader = RecordReader(tiny["rec"])
+    folder_files = sorted((root / "imgs").rglob("*.jpg"))
+    assert len(folder_files) == 12
+    for key, label, path in zip(index.keys, index.labels, folder_files):
+        header, payload = read_face_record(reader, int(key))
+        assert int(header.label) == label
+        assert path.parent.name == str(label) and path.stem == f"{key:02d}"
+        assert path.read_bytes() == payload
+        assert decode_image_bytes(payload).shape == (112, 112, 3)
+
+
+def test_pair_sets_real_format_half_same_and_memfiles(tiny):
+    root = tiny["root"]
+    for name in VAL_SET_NAMES:
+        images, issame = load_pair_bin(root / f"{name}.bin")
+        assert len(images) == 8 and issame.tolist().count(True) == 2
+        memmap, issame_mem = open_memfile(root, name)
+        assert np.array_equal(issame_mem, issame)
+        for i in (0, 5):
+            expected = rgb_to_input_array(decode_image_bytes(images[i]))
+            assert np.array_equal(np.asarray(memmap[i]), expected)
+
+
+def test_quality_table_and_disjoint_identities(tiny):
+    rows = read_quality_table(tiny["quality_csv"])
+    train = [r for r in rows if r["split"] == "train"]
+    pairs = [r for r in rows if r["split"] != "train"]
+    assert len(train) == 12 and len(pairs) == 5 * 8
+    assert {r["identity"] for r in train}.isdisjoint({r["identity"] for r in pairs})
+    assert all(r["identity"].startswith("train/") for r in train)
+    assert all(r["identity"].startswith("val/") for r in pairs)
+    for r in rows:
+        assert 0.2 <= r["scale"] <= 1.0 and 0.0 <= r["blur_sigma"] <= 1.5
+        assert 0.0 < r["quality_score"] <= 1.0
+    # same pairs really show the same identity, different pairs two identities
+    for name in VAL_SET_NAMES:
+        _, issame = load_pair_bin(tiny["root"] / f"{name}.bin")
+        by_index = {r["index"]: r["identity"] for r in pairs if r["split"] == name}
+        for p, same in enumerate(issame):
+            assert (by_index[2 * p] == by_index[2 * p + 1]) == bool(same)
+    meta = json.loads(tiny["meta"].read_text())
+    assert meta["params"]["seed"] == 3 and meta["counts"]["train_images"] == 12
+
+
+def test_quality_degrades_images_as_recorded():
+    identity = IdentityBank(0).get("train", 0)
+    sharp = render_identity_image(identity, np.random.default_rng(1), Quality())
+    low = render_identity_image(identity, np.random.default_rng(1), Quality(scale=0.25))
+    blurred = render_identity_image(identity, np.random.default_rng(1), Quality(blur_sigma=1.5))
+
+    def detail(img):  # energy of the Laplacian: fine detail left in the image
+        grey = img.astype(np.float32).mean(2)
+        lap = grey[1:-1, 1:-1] * 4 - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] \
+            - grey[1:-1, 2:]
+        return float((lap ** 2).mean())
+
+    assert detail(low) < 0.5 * detail(sharp) and detail(blurred) < 0.5 * detail(sharp)
+    assert Quality(scale=0.25).score < Quality(scale=0.5).score < Quality().score == 1.0
+    qualities = [draw_quality(np.random.default_rng(s)) for s in range(200)]
+    scales = np.array([q.scale for q in qualities])
+    assert (scales == 1.0).mean() > 0.3 and scales.min() < 0.3
+
+
+def test_identities_are_distinct_and_stable():
+    bank = IdentityBank(7)
+    assert bank.get("train", 2) == IdentityBank(7).get("train", 2)
+    assert bank.get("train", 2) != bank.get("val", 2) != bank.get("train", 3)
+    info = RenderInfo()
+    rng = np.random.default_rng(0)
+    # two images of one identity are closer than images of two identities (on average)
+    same, diff = [], []
+    for k in range(6):
+        a = render_identity_image(bank.get("train", k), rng, info=info).astype(np.float32)
+        b = render_identity_image(bank.get("train", k), rng).astype(np.float32)
+        c = render_identity_image(bank.get("train", k + 10), rng).astype(np.float32)
+        same.append(np.abs(a - b).mean())
+        diff.append(np.abs(a - c).mean())
+    assert -1.0 <= info.yaw <= 1.0 and info.noise_sigma > 0
+    assert np.mean(same) < np.mean(diff)
+
+
+def test_ensure_reuses_a_complete_set_and_regenerates_otherwise(tmp_path):
+    out = tmp_path / "d"
+    kwargs = dict(TINY, pairs_per_set=2, num_train_ids=2, imgs_per_id=2)
+    first = ensure_demo_data(out, **kwargs)
+    assert first["generated"]
+    stamp = (out / "train.rec").stat().st_mtime_ns
+    second = ensure_demo_data(out, **kwargs)
+    assert not second["generated"] and (out / "train.rec").stat().st_mtime_ns == stamp
+    (out / "lfw.bin").unlink()                      # incomplete -> regenerated
+    assert ensure_demo_data(out, **kwargs)["generated"]
+    third = ensure_demo_data(out, **dict(kwargs, num_train_ids=3))    # other parameters
+    assert third["generated"] and third["counts"]["train_images"] == 6
+    assert len(list((out / "imgs").iterdir())) == 3   # stale identity folders removed
+
+
+def test_refuses_to_overwrite_foreign_image_folder(tmp_path):
+    (tmp_path / "imgs" / "someone").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="refusing"):
+        generate_demo_data(tmp_path, **TINY)
+
+
+def test_bad_parameters_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="validation identities"):
+        generate_demo_data(tmp_path, num_val_ids=1, pairs_per_set=2, show_progress=False)
+    with pytest.raises(ValueError, match="training identity"):
+        generate_demo_data(tmp_path, num_train_ids=0, show_progress=False)
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--out", str(tmp_path / "cli"), "--num_train_ids", "2", "--imgs_per_id", "2",
+          "--num_val_ids", "3", "--pairs_per_set", "2", "--no_memfiles"])
+    printed = capsys.readouterr().out
+    assert "train_images" in printed and "--train_data_path ." in printed
+    assert (tmp_path / "cli" / "train.rec").is_file()
+    assert not (tmp_path / "cli" / "lfw").exists()
