@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -84,8 +85,9 @@ def _image_extension(data: bytes) -> str:
 _unpack_state: dict = {}
 
 
-def _init_unpack(reader: RecordReader, out_dir: Path, swap: bool) -> None:
-    _unpack_state.update(reader=reader, out_dir=out_dir, swap=swap, made_dirs=set())
+def _init_unpack(reader: RecordReader, out_dir: Path, swap: bool, overwrite: bool) -> None:
+    _unpack_state.update(reader=reader, out_dir=out_dir, swap=swap, overwrite=overwrite,
+                         made_dirs=set())
 
 
 def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
@@ -93,6 +95,7 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
     reader: RecordReader = _unpack_state["reader"]
     out_dir: Path = _unpack_state["out_dir"]
     swap: bool = _unpack_state["swap"]
+    overwrite: bool = _unpack_state["overwrite"]
     made_dirs: set = _unpack_state["made_dirs"]
     written = skipped = 0
     for key in keys:
@@ -105,14 +108,14 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
             made_dirs.add(label)
         if swap:
             path = label_dir / f"{key}.jpg"
-            if path.is_file() and path.stat().st_size > 0:
+            if not overwrite and path.is_file() and path.stat().st_size > 0:
                 skipped += 1
                 continue
             rgb = swap_red_blue(decode_image_bytes(image, source))
             _atomic_write_bytes(path, encode_jpeg(rgb, quality=SWAPPED_JPEG_QUALITY))
         else:
             path = label_dir / f"{key}{_image_extension(image)}"
-            if path.is_file() and path.stat().st_size == len(image):
+            if not overwrite and path.is_file() and path.stat().st_size == len(image):
                 skipped += 1
                 continue
             _atomic_write_bytes(path, image)
@@ -120,9 +123,9 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
     return written, skipped
 
 
-def _check_settings(info_path: Path, settings: dict) -> None:
+def _check_settings(info_path: Path, settings: dict, overwrite: bool) -> None:
     """Refuse to mix outputs made with different settings in one folder."""
-    if info_path.is_file():
+    if info_path.is_file() and not overwrite:
         try:
             previous = json.loads(info_path.read_text())
         except ValueError:
@@ -130,32 +133,34 @@ def _check_settings(info_path: Path, settings: dict) -> None:
         if previous.get("swap_color_channel") not in (None, settings["swap_color_channel"]):
             raise ConvertError(
                 f"{info_path.parent} was written with swap_color_channel="
-                f"{previous['swap_color_channel']}; delete it or rerun with the same setting")
+                f"{previous['swap_color_channel']}; rerun with the same setting, or add "
+                f"--overwrite to rewrite every file")
     info_path.parent.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(settings) + "\n")
 
 
 def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
-                     show_progress: bool = True) -> tuple[int, int]:
+                     overwrite: bool = False, show_progress: bool = True) -> tuple[int, int]:
     """Unpack ``<rec_path>/train.rec`` into ``<rec_path>/imgs/<label>/<key>.jpg``."""
     rec_file = rec_path / "train.rec"
     reader = RecordReader(rec_file)
     keys = face_pack_image_keys(reader).tolist()
     out_dir = rec_path / "imgs"
     _check_settings(out_dir / INFO_NAME, {"source": str(rec_file.resolve()),
-                                          "swap_color_channel": bool(swap_color_channel)})
+                                          "swap_color_channel": bool(swap_color_channel)},
+                    overwrite)
     written = skipped = 0
     bar = tqdm(total=len(keys), desc="train.rec -> imgs/", unit="img", disable=not show_progress)
     chunks = list(_chunks(keys, CHUNK))
     try:
         if num_workers > 1 and len(chunks) > 1:
             with Pool(num_workers, initializer=_init_unpack,
-                      initargs=(reader, out_dir, swap_color_channel)) as pool:
+                      initargs=(reader, out_dir, swap_color_channel, overwrite)) as pool:
                 for (w, s), chunk in zip(pool.imap(_unpack_chunk, chunks), chunks):
                     written, skipped = written + w, skipped + s
                     bar.update(len(chunk))
         else:
-            _init_unpack(reader, out_dir, swap_color_channel)
+            _init_unpack(reader, out_dir, swap_color_channel, overwrite)
             for chunk in chunks:
                 w, s = _unpack_chunk(chunk)
                 written, skipped = written + w, skipped + s
@@ -288,21 +293,26 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
+EPILOG = "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in (
+    "With only --rec_path DIR, both --make_image_files and --make_validation_memfiles run.",
+    "Colours: the public packs and .bin files hold true-colour JPEGs. Without "
+    "--swap_color_channel the image files are the pack's JPEG bytes, unchanged, and the "
+    "memfiles hold the BGR network input made from the decoded RGB images.",
+    "--swap_color_channel declares that the SOURCE holds red and blue swapped: image files "
+    "are decoded, red and blue exchanged and re-encoded as JPEG (quality 100), so that they "
+    "hold true colours; memfiles are converted with red and blue exchanged; with --make_record "
+    "each image is decoded, swapped and re-encoded as JPEG (quality 100) before packing. Do "
+    "not use it on the public releases.",
+    "Rerunning skips finished outputs (image files of the right size, complete memfiles, an "
+    "existing complete pack or index); --overwrite redoes them.",
+))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "With only --rec_path DIR, both --make_image_files and --make_validation_memfiles "
-            "run.\n\n"
-            "Colours: the public packs and .bin files hold true-colour JPEGs. Without "
-            "--swap_color_channel the image files are the pack's JPEG bytes, unchanged, and the "
-            "memfiles hold BGR network input made from the decoded RGB images. "
-            "--swap_color_channel declares that the SOURCE holds red and blue swapped: image "
-            "files are decoded, red and blue exchanged and re-encoded as JPEG (quality 100) so "
-            "that they hold true colours; memfiles are converted with red and blue exchanged; "
-            "with --make_record each image is decoded, swapped and re-encoded (quality 100) "
-            "before packing. Do not use it on the public releases."))
+        epilog=EPILOG)
     parser.add_argument("-r", "--rec_path", type=Path, default=Path("./faces_emore"),
                         help="folder holding train.rec/train.idx and *.bin (default "
                              "./faces_emore); with --rebuild_index the .rec file itself (or its "
@@ -383,7 +393,7 @@ def run(args: argparse.Namespace) -> Summary:
     if do_images:
         start = time.time()
         written, skipped = make_image_files(rec_path, args.swap_color_channel, workers,
-                                            show_progress=progress)
+                                            overwrite=args.overwrite, show_progress=progress)
         summary.add("train.rec -> imgs/ (images)", written, skipped, time.time() - start)
     if do_memfiles:
         start = time.time()

@@ -156,6 +156,10 @@ def test_swap_color_channel(dataset, tmp_path):
     # mixing settings in one output folder is refused
     with pytest.raises(convert.ConvertError, match="swap_color_channel=True"):
         run("--rec_path", str(swapped_root), "--make_image_files", "--num_workers", "1")
+    summary = run("--rec_path", str(swapped_root), "--make_image_files", "--overwrite",
+                  "--num_workers", "1")
+    assert counts(summary) == [(12, 0)]
+    assert (swapped_root / "imgs" / "0" / "1.jpg").read_bytes() == images[0]
 
 
 def test_swap_color_channel_make_record(tmp_path, rng):
@@ -202,6 +206,7 @@ def test_errors_are_reported_cleanly(tmp_path, rng, capsys):
 def test_help_documents_colour_handling():
     out = subprocess.run([sys.executable, "convert.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, check=True, env={**os.environ, "COLUMNS": "100"}).stdout
+    out = " ".join(out.split())
     assert "--swap_color_channel" in out
     assert "red and blue swapped" in out and "quality 100" in out
     assert "JPEG bytes, unchanged" in out
