@@ -1,0 +1,428 @@
+"""IJB-B / IJB-C evaluation: meta files, template features, 1:1 scores, TAR@FAR and 1:N.
+
+Definitions (InsightFace's IJB evaluation, as used by AdaFace's ``validate_IJB_BC.py``):
+
+* template feature: the image features of a template are averaged within each media (a video's
+  frames form one media, a still is a media of its own), the media averages are summed and the sum is
+  L2-normalised; templates are ordered as ``np.unique(templates)``;
+* 1:1 score of a template pair: the dot product of the two template features;
+* TAR@FAR: the ROC curve of ``sklearn.metrics.roc_curve(labels, scores)`` (default
+  ``drop_intermediate=True``) is reversed, and for each FAR target the operating point whose FPR is
+  nearest (the first such point in the reversed curve, i.e. the one with the highest TPR) gives the TAR;
+* 1:N (:func:`identification`), per gallery: rank-k identification rate over the probes whose subject
+  is in the gallery (closed set) and TPIR at FPIR (open set, rank 1, thresholds from the top scores of
+  the probes whose subject is not in the gallery); see :mod:`utils.identification` for the exact
+  definitions. InsightFace's helper instead merges G1 and G2 into one gallery, so that every probe has
+  a mate, and reports top-1/5/10 of that merged gallery: call :func:`identification` with the
+  concatenated galleries to get those numbers.
+
+The fast functions are vectorised and give the same values (up to float32 rounding) as the plain
+loops :func:`image2template_feature_reference` and :func:`verification_reference`, which mirror the
+published helper and serve as test and benchmark references.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pandas as pd
+import scipy.sparse
+from prettytable import PrettyTable
+from tqdm import tqdm
+
+from utils.identification import DIR_FAR
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+FAR_TARGETS: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# meta files
+# ----------------------------------------------------------------------------------------------
+def ijb_meta_paths(data_root: PathLike, dataset_name: str = "IJBC",
+                   parts: Iterable[str] = ("landmarks", "verification", "identification")) -> Dict[str, Path]:
+    """Paths of the InsightFace IJB release files under ``<data_root>/<IJBB|IJBC>/``.
+
+    ``parts`` selects what must exist: ``landmarks`` (``loose_crop/`` and ``*_name_5pts_score.txt``),
+    ``verification`` (``*_face_tid_mid.txt``, ``*_template_pair_label.txt``) and ``identification``
+    (``*_face_tid_mid.txt`` and the 1:N gallery/probe csv files). Raises ``FileNotFoundError`` listing
+    every missing path.
+    """
+    name = dataset_name.upper()
+    if name not in ("IJBB", "IJBC"):
+        raise ValueError(f"dataset_name must be 'IJBB' or 'IJBC', got {dataset_name!r}")
+    prefix = name.lower()
+    galleries = ("G1", "G2") if name == "IJBC" else ("S1", "S2")
+    base = Path(data_root) / name
+    meta = base / "meta"
+    paths = {
+        "image_dir": base / "loose_crop",
+        "landmarks": meta / f"{prefix}_name_5pts_score.txt",
+        "template_media": meta / f"{prefix}_face_tid_mid.txt",
+        "template_pairs": meta / f"{prefix}_template_pair_label.txt",
+        "gallery_1": meta / f"{prefix}_1N_gallery_{galleries[0]}.csv",
+        "gallery_2": meta / f"{prefix}_1N_gallery_{galleries[1]}.csv",
+        "probe": meta / f"{prefix}_1N_probe_mixed.csv",
+    }
+    needed = {"landmarks": ("image_dir", "landmarks"),
+              "verification": ("template_media", "template_pairs"),
+              "identification": ("template_media", "gallery_1", "gallery_2", "probe")}
+    parts = list(parts)
+    unknown = [p for p in parts if p not in needed]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; choose from {sorted(needed)}")
+    missing = sorted({str(paths[key]) for part in parts for key in needed[part] if not paths[key].exists()})
+    if missing:
+        raise FileNotFoundError(f"{name} release files missing under {data_root} ("
+                                f"the InsightFace IJB layout is expected):\n  " + "\n  ".join(missing))
+    return paths
+
+
+def _read_whitespace_table(path: PathLike, names: Sequence[str], dtypes: Mapping[str, type]) -> pd.DataFrame:
+    """Read a header-less, whitespace-separated table with exactly ``len(names)`` columns.
+
+    Columns in ``dtypes`` are parsed as numbers, the others kept as strings. Errors name the file
+    (and, where possible, the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    by_index = {i: dtypes.get(name, str) for i, name in enumerate(names)}
+    try:
+        table = pd.read_csv(path, sep=r"\s+", header=None, dtype=by_index, engine="c")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: the file is empty") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path}: expected {len(names)} whitespace-separated columns "
+                         f"({' '.join(names)}): {err}") from None
+    except (ValueError, TypeError, OverflowError):
+        _raise_first_bad_value(path, names, dtypes)
+        raise
+    if table.shape[1] != len(names):
+        raise ValueError(f"{path}: expected {len(names)} columns ({' '.join(names)}), found {table.shape[1]}")
+    table.columns = list(names)
+    return table
+
+
+def _raise_first_bad_value(path: Path, names: Sequence[str], dtypes: Mapping[str, type]) -> None:
+    """Slow path for error messages: find the first line whose numeric columns do not parse."""
+    table = pd.read_csv(path, sep=r"\s+", header=None, dtype=str, engine="c")
+    for column, dtype in dtypes.items():
+        i = list(names).index(column)
+        if i >= table.shape[1]:
+            raise ValueError(f"{path}: expected {len(names)} columns ({' '.join(names)}), found {table.shape[1]}")
+        values = pd.to_numeric(table[i], errors="coerce")
+        bad = values.isna().to_numpy()
+        if np.issubdtype(dtype, np.integer):
+            bad = bad | ((values.fillna(0).to_numpy(dtype=np.float64) % 1) != 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}, line {row + 1}: column {column!r} must be "
+                             f"{'an integer' if np.issubdtype(dtype, np.integer) else 'a number'}, "
+                             f"found {table[i].iloc[row]!r}")
+
+
+def read_template_media_list(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``*_face_tid_mid.txt`` (``image template_id media_id``) -> ``(images, templates, medias)``."""
+    table = _read_whitespace_table(path, ("image", "template", "media"), {"template": np.int64, "media": np.int64})
+    return table["image"].to_numpy(dtype=object), table["template"].to_numpy(), table["media"].to_numpy()
+
+
+def read_template_pair_list(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``*_template_pair_label.txt`` (``template1 template2 label``) -> ``(t1, t2, label)``."""
+    table = _read_whitespace_table(path, ("t1", "t2", "label"), {"t1": np.int64, "t2": np.int64, "label": np.int64})
+    label = table["label"].to_numpy()
+    if not np.isin(label, (0, 1)).all():
+        raise ValueError(f"{path}: labels must be 0 or 1, found {np.unique(label)[:10].tolist()}")
+    return table["t1"].to_numpy(), table["t2"].to_numpy(), label
+
+
+def read_landmarks(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``*_name_5pts_score.txt`` (``image x1 y1 ... x5 y5 faceness``) ->
+    ``(images, landmarks (N, 5, 2) float32, faceness (N,) float32)``."""
+    coords = [f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y")]
+    names = ("image", *coords, "faceness")
+    table = _read_whitespace_table(path, names, {c: np.float32 for c in (*coords, "faceness")})
+    landmarks = table[coords].to_numpy(dtype=np.float32).reshape(-1, 5, 2)
+    return table["image"].to_numpy(dtype=object), landmarks, table["faceness"].to_numpy(dtype=np.float32)
+
+
+def read_1n_csv(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """A 1:N gallery/probe csv (header ``TEMPLATE_ID,SUBJECT_ID,FILENAME,...``, one row per image) ->
+    ``(template_ids, subject_ids)`` per row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, usecols=["TEMPLATE_ID", "SUBJECT_ID"], dtype=np.int64)
+    except ValueError as err:     # missing columns or non-integer values
+        raise ValueError(f"{path}: expected integer columns TEMPLATE_ID and SUBJECT_ID ({err})") from None
+    return table["TEMPLATE_ID"].to_numpy(), table["SUBJECT_ID"].to_numpy()
+
+
+def unique_template_subjects(template_ids: np.ndarray, subject_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-row ids of a 1:N csv -> ``(unique templates (sorted), subject of each)`` (the first row's
+    subject, as the published helper takes it)."""
+    template_ids, subject_ids = np.asarray(template_ids), np.asarray(subject_ids)
+    if template_ids.shape != subject_ids.shape:
+        raise ValueError(f"template_ids {template_ids.shape} and subject_ids {subject_ids.shape} differ in length")
+    unique_templates, first = np.unique(template_ids, return_index=True)
+    return unique_templates, subject_ids[first]
+
+
+# ----------------------------------------------------------------------------------------------
+# template features
+# ----------------------------------------------------------------------------------------------
+def _check_image_inputs(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> None:
+    if img_feats.ndim != 2:
+        raise ValueError(f"img_feats must have shape (num_images, D), got {img_feats.shape}")
+    if templates.shape != (img_feats.shape[0],) or medias.shape != (img_feats.shape[0],):
+        raise ValueError(f"templates {templates.shape} and medias {medias.shape} must hold one id per image "
+                         f"({img_feats.shape[0]} images)")
+
+
+def _normalize_rows(feats: np.ndarray, out_dtype) -> np.ndarray:
+    norms = np.sqrt(np.sum(np.square(feats, dtype=np.float64), axis=1, keepdims=True))
+    if np.any(norms == 0):
+        logger.warning("%d templates have a zero feature sum; their normalised features are NaN",
+                       int(np.sum(norms == 0)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (feats / norms).astype(out_dtype, copy=False)
+
+
+def image2template_feature(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
+                           ) -> Tuple[np.ndarray, np.ndarray]:
+    """Template features from image features: mean per media, sum over medias, L2-normalise.
+
+    Returns ``(template_norm_feats (T, D), unique_templates (T,))`` with ``unique_templates =
+    np.unique(templates)``. One sparse (templates x images) matrix of weights ``1 / media size``
+    does the aggregation; float32 input gives float32 output (the normalisation runs in float64).
+    """
+    img_feats = np.asarray(img_feats)
+    templates, medias = np.asarray(templates).ravel(), np.asarray(medias).ravel()
+    _check_image_inputs(img_feats, templates, medias)
+    work_dtype = np.result_type(img_feats.dtype, np.float32)
+    unique_templates, template_index = np.unique(templates, return_inverse=True)
+    unique_medias, media_index = np.unique(medias, return_inverse=True)
+    group_key = template_index.astype(np.int64) * len(unique_medias) + media_index
+    _, group_index, group_size = np.unique(group_key, return_inverse=True, return_counts=True)
+    weights = (1.0 / group_size)[group_index].astype(work_dtype)
+    aggregation = scipy.sparse.csr_matrix(
+        (weights, (template_index, np.arange(len(templates)))), shape=(len(unique_templates), len(templates)))
+    template_feats = aggregation @ img_feats.astype(work_dtype, copy=False)
+    return _normalize_rows(np.asarray(template_feats), work_dtype), unique_templates
+
+
+def image2template_feature_reference(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
+                                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Plain loop over templates and medias, as the published InsightFace helper does (float64 output)."""
+    img_feats = np.asarray(img_feats)
+    templates, medias = np.asarray(templates).ravel(), np.asarray(medias).ravel()
+    _check_image_inputs(img_feats, templates, medias)
+    unique_templates = np.unique(templates)
+    template_feats = np.zeros((len(unique_templates), img_feats.shape[1]))
+    for row, template in enumerate(unique_templates):
+        (in_template,) = np.where(templates == template)
+        feats, template_medias = img_feats[in_template], medias[in_template]
+        media_means = [feats[template_medias == media].mean(axis=0) for media in np.unique(template_medias)]
+        template_feats[row] = np.sum(media_means, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return template_feats / np.sqrt(np.sum(template_feats ** 2, -1, keepdims=True)), unique_templates
+
+
+def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: str = "template ids") -> np.ndarray:
+    """Row of each id in the sorted ``unique_templates``; ``ValueError`` naming ids that are absent."""
+    unique_templates = np.asarray(unique_templates)
+    template_ids = np.asarray(template_ids)
+    if unique_templates.ndim != 1 or (len(unique_templates) > 1 and np.any(np.diff(unique_templates) <= 0)):
+        raise ValueError("unique_templates must be sorted and unique (as returned by image2template_feature)")
+    rows = np.searchsorted(unique_templates, template_ids)
+    found = rows < len(unique_templates)
+    found[found] = unique_templates[rows[found]] == template_ids[found]
+    if not found.all():
+        missing = np.unique(template_ids[~found])
+        raise ValueError(f"{what}: {len(missing)} template id(s) have no images in the template/media list, "
+                         f"e.g. {missing[:10].tolist()}")
+    return rows
+
+
+def _scores_by_gram(feats: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
+                    left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Scores read off the Gram matrix between the templates used on each side of the pairs."""
+    position1 = np.cumsum(left, dtype=np.int64) - 1
+    position2 = np.cumsum(right, dtype=np.int64) - 1
+    num_right = int(right.sum())
+    gram = feats[left] @ feats[right].T
+    flat = position1[rows1] * num_right
+    flat += position2[rows2]
+    return np.take(gram.ravel(), flat)
+
+
+def _scores_by_gather(feats: np.ndarray, rows1: np.ndarray, rows2: np.ndarray, batch_size: int,
+                      progress: bool) -> np.ndarray:
+    """Row-wise dot products, gathering the pair features chunk by chunk into reused buffers."""
+    num_pairs, dim = len(rows1), feats.shape[1]
+    buffer1 = np.empty((batch_size, dim), dtype=feats.dtype)
+    buffer2 = np.empty((batch_size, dim), dtype=feats.dtype)
+    scores = np.empty(num_pairs, dtype=feats.dtype)
+    for start in tqdm(range(0, num_pairs, batch_size), desc="pair scores", unit="chunk", disable=not progress):
+        stop = min(start + batch_size, num_pairs)
+        n = stop - start
+        # indices were validated; mode='clip' avoids the extra buffering of mode='raise'
+        np.take(feats, rows1[start:stop], axis=0, out=buffer1[:n], mode="clip")
+        np.take(feats, rows2[start:stop], axis=0, out=buffer2[:n], mode="clip")
+        np.einsum("ij,ij->i", buffer1[:n], buffer2[:n], out=scores[start:stop])
+    return scores
+
+
+def verification(template_norm_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray, p2: np.ndarray,
+                 batch_size: int = 4096, method: str = "auto", max_gram_bytes: int = 2 << 30,
+                 progress: bool = False) -> np.ndarray:
+    """Score (dot product of template features) of every template pair ``(p1[i], p2[i])``; float64.
+
+    ``method``: ``'gather'`` gathers the two features of ``batch_size`` pairs at a time into reused
+    buffers and takes row-wise dot products; ``'gram'`` computes all dot products between the
+    templates used as ``p1`` and those used as ``p2`` with one matrix product and reads the pairs off
+    it (much faster when the pairs cover a good part of that grid, as the IJB protocols' enrollment x
+    verification pairs do); ``'auto'`` takes ``'gram'`` when the grid is at most 8 times the number of
+    pairs and fits in ``max_gram_bytes``.
+    """
+    feats = np.ascontiguousarray(template_norm_feats)
+    if feats.ndim != 2 or feats.shape[0] != len(unique_templates):
+        raise ValueError(f"template_norm_feats {feats.shape} must have one row per unique template "
+                         f"({len(unique_templates)})")
+    p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
+    if p1.shape != p2.shape:
+        raise ValueError(f"p1 ({p1.shape[0]}) and p2 ({p2.shape[0]}) must list the same number of pairs")
+    if method not in ("auto", "gram", "gather"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'gather', got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rows1 = template_rows(unique_templates, p1, "p1")
+    rows2 = template_rows(unique_templates, p2, "p2")
+    if len(p1) == 0:
+        return np.zeros(0)
+
+    left = np.zeros(len(feats), dtype=bool)
+    left[rows1] = True
+    right = np.zeros(len(feats), dtype=bool)
+    right[rows2] = True
+    grid = int(left.sum()) * int(right.sum())
+    if method == "auto":
+        method = "gram" if grid <= 8 * len(p1) and grid * feats.itemsize <= max_gram_bytes else "gather"
+    logger.debug("verification: %d pairs, %d x %d template grid, method %s", len(p1), left.sum(), right.sum(), method)
+    if method == "gram":
+        scores = _scores_by_gram(feats, rows1, rows2, left, right)
+    else:
+        scores = _scores_by_gather(feats, rows1, rows2, batch_size, progress)
+    return scores.astype(np.float64, copy=False)
+
+
+def verification_reference(template_norm_feats: np.ndarray, unique_templates: np.ndarray, p1: np.ndarray,
+                           p2: np.ndarray, batch_size: int = 100000) -> np.ndarray:
+    """Plain implementation as published: an id -> row table, then fancy indexing and an element-wise
+    product summed per pair, ``batch_size`` pairs per step of a Python loop."""
+    template_to_row = np.zeros((max(unique_templates) + 1, 1), dtype=int)
+    for row, template in enumerate(unique_templates):
+        template_to_row[template] = row
+    score = np.zeros((len(p1),))
+    all_pairs = np.arange(len(p1))
+    for start in range(0, len(p1), batch_size):
+        chunk = all_pairs[start:start + batch_size]
+        feat1 = template_norm_feats[template_to_row[p1[chunk]]]
+        feat2 = template_norm_feats[template_to_row[p2[chunk]]]
+        score[chunk] = np.sum(feat1 * feat2, -1).flatten()
+    return score
+
+
+# ----------------------------------------------------------------------------------------------
+# TAR @ FAR
+# ----------------------------------------------------------------------------------------------
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence[float] = FAR_TARGETS
+               ) -> Dict[float, float]:
+    """TAR at each FAR target, read off ``sklearn.metrics.roc_curve`` at the nearest FPR (see module doc)."""
+    from sklearn.metrics import roc_curve
+
+    scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
+    classes = np.unique(labels)
+    if not (len(classes) == 2 and set(classes.tolist()) == {0, 1}):
+        raise ValueError(f"labels must contain both 0 (impostor) and 1 (genuine), found {classes[:10].tolist()}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} scores are NaN or infinite")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)      # the highest TPR first among equal FPRs
+    return {far: float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in far_targets}
+
+
+def format_tar_far_table(results: Mapping[str, Mapping[float, float]],
+                         far_targets: Optional[Sequence[float]] = None) -> PrettyTable:
+    """A table with one row per method (``results[name] = {far: tar}``) and TAR in percent (two decimals)."""
+    if far_targets is None:
+        far_targets = list(next(iter(results.values())).keys()) if results else list(FAR_TARGETS)
+    table = PrettyTable(["Methods"] + [str(far) for far in far_targets])
+    for name, row in results.items():
+        table.add_row([name] + ["%.2f" % (row[far] * 100) for far in far_targets])
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# 1:N identification
+# ----------------------------------------------------------------------------------------------
+def select_template_features(template_feats: np.ndarray, unique_templates: np.ndarray,
+                             wanted_templates: np.ndarray) -> np.ndarray:
+    """Rows of ``template_feats`` for ``wanted_templates`` (e.g. a gallery's templates)."""
+    return np.asarray(template_feats)[template_rows(unique_templates, wanted_templates, "wanted templates")]
+
+
+def identification(gallery_feats: np.ndarray, gallery_ids: np.ndarray, probe_feats: np.ndarray,
+                   probe_ids: np.ndarray, ranks: Sequence[int] = (1, 5, 10),
+                   fpirs: Sequence[float] = (0.01, 0.1)) -> Dict[str, float]:
+    """1:N search of the probes in one gallery (scores: dot products of the template features).
+
+    Returns fractions in [0, 1]: ``rank-k`` (closed set, over the probes whose subject is in the
+    gallery), ``TPIR@FPIR=f`` (open set at rank 1, thresholds from the top scores of the probes whose
+    subject is not in the gallery; NaN when every probe is mated), the achieved ``FPIR@FPIR=f``, and
+    the probe counts ``num_mated`` / ``num_nonmated``.
+    """
+    gallery_feats, probe_feats = np.asarray(gallery_feats), np.asarray(probe_feats)
+    gallery_ids, probe_ids = np.asarray(gallery_ids).ravel(), np.asarray(probe_ids).ravel()
+    if gallery_feats.ndim != 2 or probe_feats.ndim != 2 or gallery_feats.shape[1] != probe_feats.shape[1]:
+        raise ValueError(f"gallery_feats {gallery_feats.shape} and probe_feats {probe_feats.shape} must be "
+                         f"(N, D) with the same D")
+    if len(gallery_ids) != len(gallery_feats) or len(probe_ids) != len(probe_feats):
+        raise ValueError("gallery_ids/probe_ids must hold one id per feature row")
+    scores = probe_feats @ gallery_feats.T
+    labels = probe_ids[:, None] == gallery_ids[None, :]
+    mated = labels.any(axis=1)
+    result: Dict[str, float] = {}
+    closed, _, _ = DIR_FAR(scores, labels, ranks=list(ranks), FARs=[1.0])
+    for rank, value in zip(ranks, np.atleast_1d(closed)):
+        result[f"rank-{rank}"] = float(value)
+    if (~mated).any():
+        tpir, fpir, _ = DIR_FAR(scores, labels, ranks=[1], FARs=list(fpirs))
+        tpir, fpir = np.atleast_1d(tpir), np.atleast_1d(fpir)
+    else:
+        logger.warning("identification: every probe has a mate in the gallery; TPIR@FPIR is undefined (NaN)")
+        tpir = fpir = np.full(len(fpirs), np.nan)
+    for target, t, f in zip(fpirs, tpir, fpir):
+        result[f"TPIR@FPIR={target:g}"] = float(t)
+        result[f"FPIR@FPIR={target:g}"] = float(f)
+    result["num_mated"] = int(mated.sum())
+    result["num_nonmated"] = int((~mated).sum())
+    return result
+
+
+def mean_over_galleries(results: Sequence[Mapping[str, float]]) -> Dict[str, float]:
+    """Average the metrics of several galleries (G1/G2 or S1/S2); probe counts are summed."""
+    if not results:
+        raise ValueError("mean_over_galleries needs at least one result")
+    keys = [k for k in results[0] if all(k in r for r in results)]
+    return {k: (int(sum(r[k] for r in results)) if k.startswith("num_")
+                else float(np.mean([r[k] for r in results]))) for k in keys}
