@@ -372,6 +372,8 @@ def test_missing_idx_suggests_rebuild(tmp_path):
         RecordReader(tmp_path / "x.rec")
     assert "x.idx" in str(err.value) and "not found" in str(err.value)
     assert f"python convert.py --rebuild_index --rec_path {tmp_path / 'x.rec'}" in str(err.value)
+    with pytest.raises(RecordIOError, match=r"x\.idx: index file .* not found; rebuild it"):
+        load_face_pack_index(tmp_path / "x.rec", show_progress=False)
 
 
 def test_missing_rec(tmp_path):

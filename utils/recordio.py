@@ -600,13 +600,12 @@ def _source_stamp(rec_path: Path, idx_path: Path) -> np.ndarray:
                      idx_stat.st_mtime_ns, LABEL_CACHE_VERSION], dtype=np.int64)
 
 
-def _load_cached(path: Path, stamp: np.ndarray, rec_path: Path) -> Optional[FacePackIndex]:
+def _load_cached(path: Path, stamp: np.ndarray) -> Optional[FacePackIndex]:
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            if (str(data["source"]) != str(rec_path) or
-                    not np.array_equal(data["stamp"], stamp)):
+            if not np.array_equal(data["stamp"], stamp):
                 logger.info("label cache %s is stale; rebuilding", path)
                 return None
             return FacePackIndex(keys=data["keys"], labels=data["labels"],
@@ -678,13 +677,16 @@ def face_pack_image_keys(reader: RecordReader) -> np.ndarray:
     return reader.key_array.astype(np.int64, copy=True)
 
 
-def image_label(header: IRHeader, source: str = "<record>") -> int:
-    """The integer identity of an image record (first value of an array label)."""
-    label = header.label if header.flag == 0 else header.label[0]
+def _identity(label: float, source: str) -> int:
     label = float(label)
     if not (label >= 0 and label.is_integer()):
         raise RecordIOError(f"{source}: label {label} is not a non-negative integer identity")
     return int(label)
+
+
+def image_label(header: IRHeader, source: str = "<record>") -> int:
+    """The integer identity of an image record (first value of an array label)."""
+    return _identity(header.label if header.flag == 0 else header.label[0], source)
 
 
 def build_face_pack_index(reader: RecordReader, show_progress: bool = True) -> FacePackIndex:
@@ -695,10 +697,8 @@ def build_face_pack_index(reader: RecordReader, show_progress: bool = True) -> F
                                  f"{reader.rec_path.name}", unit="rec", mininterval=1.0,
                                  disable=not show_progress)):
         label = _label_of(reader.read_prefix(key, IR_SIZE + 4), reader, key)
-        if not (label >= 0 and float(label).is_integer()):
-            raise RecordIOError(f"{reader.rec_path}: key {key} (byte offset {reader.offset(key)}): "
-                                f"label {label} is not a non-negative integer identity")
-        labels[i] = int(label)
+        labels[i] = _identity(label, f"{reader.rec_path}: key {key} (byte offset "
+                                     f"{reader.offset(key)})")
     num_classes = int(labels.max()) + 1 if labels.size else 0
     return FacePackIndex(keys=image_keys, labels=labels, num_classes=num_classes)
 
@@ -715,18 +715,20 @@ def load_face_pack_index(rec_path: PathLike, cache_dir: Optional[PathLike] = Non
     """
     rec_path = Path(rec_path).resolve()
     idx_path = Path(idx_path) if idx_path is not None else default_idx_path(rec_path)
-    reader = RecordReader(rec_path, idx_path)  # validates that both files exist
-    try:
-        stamp = _source_stamp(rec_path, idx_path)
-        candidates = label_cache_paths(rec_path, cache_dir)
-        for path in candidates:
-            cached = _load_cached(path, stamp, rec_path)
-            if cached is not None:
-                logger.debug("label index of %s loaded from %s", rec_path, path)
-                return cached
+    if not rec_path.is_file():
+        raise RecordIOError(f"{rec_path}: RecordIO file not found")
+    if not idx_path.is_file():
+        raise RecordIOError(f"{idx_path}: index file of {rec_path} not found; "
+                            f"{_rebuild_hint(rec_path)}")
+    stamp = _source_stamp(rec_path, idx_path)
+    candidates = label_cache_paths(rec_path, cache_dir)
+    for path in candidates:
+        cached = _load_cached(path, stamp)
+        if cached is not None:
+            logger.debug("label index of %s loaded from %s", rec_path, path)
+            return cached
+    with RecordReader(rec_path, idx_path) as reader:
         index = build_face_pack_index(reader, show_progress=show_progress)
-    finally:
-        reader.close()
     for path in candidates:
         if _save_cache(path, index, stamp, rec_path):
             logger.info("cached the label index of %s in %s", rec_path, path)
