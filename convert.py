@@ -123,18 +123,26 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
     return written, skipped
 
 
-def _check_settings(info_path: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix outputs made with different settings in one folder."""
-    if info_path.is_file() and not overwrite:
-        try:
-            previous = json.loads(info_path.read_text())
-        except ValueError:
-            previous = {}
-        if previous.get("swap_color_channel") not in (None, settings["swap_color_channel"]):
-            raise ConvertError(
-                f"{info_path.parent} was written with swap_color_channel="
-                f"{previous['swap_color_channel']}; rerun with the same setting, or add "
-                f"--overwrite to rewrite every file")
+def _check_settings(info_path: Path, settings: dict, overwrite: bool) -> bool:
+    """Refuse to mix outputs made with different colour settings in one folder.
+
+    Returns whether the settings file may be written now; after an ``--overwrite`` with other
+    settings it is written only once every file has been rewritten.
+    """
+    try:
+        previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    except ValueError:
+        previous = {}
+    same = previous.get("swap_color_channel") in (None, settings["swap_color_channel"])
+    if not same and not overwrite:
+        raise ConvertError(
+            f"{info_path.parent} was written with swap_color_channel="
+            f"{previous['swap_color_channel']}; rerun with the same setting, or add "
+            f"--overwrite to rewrite every file")
+    return same
+
+
+def _write_settings(info_path: Path, settings: dict) -> None:
     info_path.parent.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps(settings) + "\n")
 
@@ -146,9 +154,11 @@ def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
     reader = RecordReader(rec_file)
     keys = face_pack_image_keys(reader).tolist()
     out_dir = rec_path / "imgs"
-    _check_settings(out_dir / INFO_NAME, {"source": str(rec_file.resolve()),
-                                          "swap_color_channel": bool(swap_color_channel)},
-                    overwrite)
+    info_path = out_dir / INFO_NAME
+    settings = {"source": str(rec_file.resolve()), "swap_color_channel": bool(swap_color_channel)}
+    write_settings_now = _check_settings(info_path, settings, overwrite)
+    if write_settings_now:
+        _write_settings(info_path, settings)
     written = skipped = 0
     bar = tqdm(total=len(keys), desc="train.rec -> imgs/", unit="img", disable=not show_progress)
     chunks = list(_chunks(keys, CHUNK))
@@ -168,6 +178,8 @@ def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
     finally:
         bar.close()
         reader.close()
+    if not write_settings_now:
+        _write_settings(info_path, settings)
     return written, skipped
 
 
