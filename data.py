@@ -1,0 +1,630 @@
+"""Training and validation data: the LightningDataModule, the training datasets, the pair sets.
+
+Layout (the published arguments; ``<dir>`` = ``<data_root>/<train_data_path>``)::
+
+    <dir>/train.rec, <dir>/train.idx         --use_mxrecord: InsightFace face pack
+    <dir>/imgs/<identity>/<image>.jpg        otherwise: one folder per identity (``<dir>`` itself
+                                             is used when it has no ``imgs`` folder)
+    <data_root>/<val_data_path>/<set>/memfile/mem_file.dat, <set>_list.npy
+                                             validation pair sets (memfiles; a ``<set>.bin`` there
+                                             is converted on the fly when its memfile is missing)
+
+Every training image is decoded to RGB (``utils.image``), red and blue are exchanged when
+``swap_color_channel`` (for sources whose files hold them swapped), then augmented
+(``utils.augment``), flipped horizontally with probability 0.5 and turned into the BGR ``[-1, 1]``
+network input by ``utils.image.rgb_to_tensor``. Training items are ``(image, label)``; validation
+and test items are ``(image, issame_of_its_pair, set_index, global_image_index)``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import multiprocessing
+import os
+import random
+import re
+from argparse import Namespace
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from utils.augment import Augmenter
+from utils.image import (ImageDecodeError, check_input_size, decode_image_bytes, load_image_file,
+                         rgb_to_tensor, swap_red_blue)
+from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, memfile_exists, open_memfile
+from utils.recordio import (RecordIOError, RecordReader, load_face_pack_index,
+                            read_face_record)
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_FOLDER_NAME = "imgs"
+REC_FILE_NAME = "train.rec"
+MIN_IMAGES_PER_IDENTITY = 5          # identities with fewer images are dropped by the subset
+DEFAULT_SUBSET_INDEX_FILE = "assets/ms1mv2_train_subset_index.txt"
+MAX_CONSECUTIVE_BAD_SAMPLES = 100
+TRAINING_SAMPLE_FILE = Path("training_samples") / "sample.jpg"
+
+
+class TrainDataError(ValueError):
+    """The training data (folder, pack or subset file) is missing or malformed."""
+
+
+class BadSampleError(ValueError):
+    """One training sample cannot be used (unreadable, not decodable, wrong size)."""
+
+
+class MissingPairSetsError(FileNotFoundError):
+    """Validation pair sets are missing (the message lists every one of them)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Training datasets
+# ----------------------------------------------------------------------------------------------
+class FaceTrainDataset(Dataset):
+    """Common part of the folder and RecordIO training sets: decode, swap, augment, flip, tensor.
+
+    Subclasses hold ``labels`` (int64, one per sample) and implement :meth:`_read_rgb` and
+    :meth:`source_of`. With ``skip_corrupt_images`` a bad sample is logged, counted in
+    :attr:`skipped_count` (shared by DataLoader workers) and replaced by a random other sample.
+    """
+
+    def __init__(self, augmenter: Optional[Augmenter] = None, swap_color_channel: bool = False,
+                 skip_corrupt_images: bool = False, random_flip: bool = True):
+        self.augmenter = augmenter if augmenter is not None else Augmenter(0.0, 0.0, 0.0)
+        self.swap_color_channel = bool(swap_color_channel)
+        self.skip_corrupt_images = bool(skip_corrupt_images)
+        self.random_flip = bool(random_flip)
+        self.labels = np.zeros(0, dtype=np.int64)
+        self.identity_names: List[str] = []
+        self._skipped = multiprocessing.Value("q", 0)
+
+    # -- to be provided by subclasses ------------------------------------------------------------
+    def source_of(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _read_rgb(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _take(self, positions: np.ndarray) -> None:
+        raise NotImplementedError
+
+    # -- public --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identity_names)
+
+    @property
+    def skipped_count(self) -> int:
+        """How many bad samples were skipped so far (all DataLoader workers together)."""
+        return int(self._skipped.value)
+
+    def load_rgb(self, index: int) -> np.ndarray:
+        """The sample as an RGB ``uint8`` 112x112 array, colours swapped if configured."""
+        try:
+            rgb = self._read_rgb(index)
+            check_input_size(rgb, self.source_of(index))
+        except (ImageDecodeError, RecordIOError, ValueError, OSError) as exc:
+            if isinstance(exc, BadSampleError):
+                raise
+            raise BadSampleError(str(exc)) from exc
+        return swap_red_blue(rgb) if self.swap_color_channel else rgb
+
+    def augmented_rgb(self, index: int) -> np.ndarray:
+        """Decoded, swapped (if configured) and augmented, before the flip."""
+        return self.augmenter.augment(self.load_rgb(index))
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        index = int(index)
+        for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
+            try:
+                rgb = self.load_rgb(index)
+                break
+            except BadSampleError as exc:
+                if not self.skip_corrupt_images:
+                    raise
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                logger.warning("skipping bad training sample %d (%s)", index, exc)
+                if len(self) > 1:  # a random other sample
+                    index = (index + 1 + int(np.random.randint(len(self) - 1))) % len(self)
+        else:
+            raise TrainDataError(f"{MAX_CONSECUTIVE_BAD_SAMPLES} bad samples in a row "
+                                 f"(last: {self.source_of(index)}); is the training data intact?")
+        rgb = self.augmenter.augment(rgb)
+        if self.random_flip and torch.rand(1).item() < 0.5:
+            rgb = rgb[:, ::-1]
+        return rgb_to_tensor(rgb), int(self.labels[index])
+
+    def select(self, positions: np.ndarray, labels: np.ndarray, identity_names: List[str]
+               ) -> None:
+        """Keep only the samples at ``positions`` (in that order) with new ``labels``."""
+        positions = np.asarray(positions, dtype=np.int64)
+        self._take(positions)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.identity_names = list(identity_names)
+
+
+
+def scan_image_folder(root: PathLike) -> Tuple[List[str], np.ndarray, np.ndarray]:
+    """List an identity-per-folder image tree like ``torchvision.datasets.ImageFolder``.
+
+    Returns ``(identity names, relative paths as a bytes array, labels)``: identities are the
+    sub-folders in sorted order (label = position), images are the files with an image extension
+    found below each (sorted walk, as torchvision does), so sample indices agree with
+    ImageFolder's. Hidden entries (starting with ``.``) are ignored. Raises
+    :class:`TrainDataError` naming every empty identity folder and non-image file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TrainDataError(f"{root}: training image folder not found")
+    classes = sorted(entry.name for entry in os.scandir(root)
+                     if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise TrainDataError(f"{root}: no identity folders found (expected one sub-folder of "
+                             f"images per identity)")
+    rel_paths: List[str] = []
+    labels: List[int] = []
+    empty: List[str] = []
+    foreign: List[str] = []
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        found = 0
+        for dirpath, dirnames, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = os.path.relpath(dirpath, root)
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                rel = os.path.join(rel_dir, fname)
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    rel_paths.append(rel)
+                    labels.append(label)
+                    found += 1
+                else:
+                    foreign.append(rel)
+        if not found:
+            empty.append(name)
+    problems = []
+    if empty:
+        problems.append(f"{len(empty)} identity folder(s) without images: "
+                        + ", ".join(str(root / n) for n in empty[:10])
+                        + (" ..." if len(empty) > 10 else ""))
+    if foreign:
+        problems.append(f"{len(foreign)} file(s) that are not images (extensions "
+                        f"{', '.join(IMG_EXTENSIONS)}): "
+                        + ", ".join(str(root / f) for f in foreign[:10])
+                        + (" ..." if len(foreign) > 10 else ""))
+    if problems:
+        raise TrainDataError(f"{root}: bad training image folder: " + "; ".join(problems))
+    encoded = np.array([p.encode("utf-8") for p in rel_paths], dtype=bytes)
+    return classes, encoded, np.asarray(labels, dtype=np.int64)
+
+
+class ImageFolderFaceDataset(FaceTrainDataset):
+    """Training images in ``root/<identity>/<image>``; labels follow the sorted folder names."""
+
+    def __init__(self, root: PathLike, augmenter: Optional[Augmenter] = None,
+                 swap_color_channel: bool = False, skip_corrupt_images: bool = False,
+                 random_flip: bool = True):
+        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip)
+        self.root = Path(root)
+        self.identity_names, self.rel_paths, self.labels = scan_image_folder(self.root)
+        logger.info("image folder %s: %d images of %d identities", self.root, len(self),
+                    self.num_classes)
+
+    def path_of(self, index: int) -> Path:
+        return self.root / self.rel_paths[index].decode("utf-8")
+
+    def source_of(self, index: int) -> str:
+        return str(self.path_of(index))
+
+    def _read_rgb(self, index: int) -> np.ndarray:
+        return load_image_file(self.path_of(index))
+
+    def _take(self, positions: np.ndarray) -> None:
+        self.rel_paths = self.rel_paths[positions]
+
+
+class RecordFaceDataset(FaceTrainDataset):
+    """Training images read straight from an InsightFace ``train.rec`` (labels from its index)."""
+
+    def __init__(self, rec_path: PathLike, augmenter: Optional[Augmenter] = None,
+                 swap_color_channel: bool = False, skip_corrupt_images: bool = False,
+                 random_flip: bool = True, cache_dir: Optional[PathLike] = None,
+                 show_progress: bool = True):
+        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip)
+        self.rec_path = Path(rec_path)
+        if not self.rec_path.is_file():
+            raise TrainDataError(f"{self.rec_path}: training pack not found (with --use_mxrecord "
+                                 f"the pack is <data_root>/<train_data_path>/{REC_FILE_NAME})")
+        index = load_face_pack_index(self.rec_path, cache_dir=cache_dir,
+                                     show_progress=show_progress)
+        if len(index) == 0:
+            raise TrainDataError(f"{self.rec_path}: the pack holds no images")
+        self.keys = np.asarray(index.keys, dtype=np.int64)
+        self.labels = np.asarray(index.labels, dtype=np.int64)
+        self.identity_names = [str(c) for c in range(int(index.num_classes))]
+        self.reader = RecordReader(self.rec_path)
+        logger.info("face pack %s: %d images of %d identities", self.rec_path, len(self),
+                    self.num_classes)
+
+    def source_of(self, index: int) -> str:
+        return f"{self.rec_path}: key {int(self.keys[index])}"
+
+    def _read_rgb(self, index: int) -> np.ndarray:
+        key = int(self.keys[index])
+        _, payload = read_face_record(self.reader, key)
+        return decode_image_bytes(payload, self.source_of(index))
+
+    def _take(self, positions: np.ndarray) -> None:
+        self.keys = self.keys[positions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Subset (the paper's MS1MV2 ablation subset)
+# ----------------------------------------------------------------------------------------------
+def load_subset_index(path: PathLike) -> np.ndarray:
+    """Sample indices from a ``.npy`` file or a text file of integers (comma / space separated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainDataError(f"{path}: training subset index file not found")
+    if path.suffix == ".npy":
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise TrainDataError(f"{path}: not a readable .npy index file ({exc})") from exc
+        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            raise TrainDataError(f"{path}: expected a 1-d integer array, found {values.dtype} "
+                                 f"of shape {values.shape}")
+        return values.astype(np.int64)
+    tokens = [t for t in re.split(r"[,\s]+", path.read_text()) if t]
+    try:
+        return np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError as exc:
+        raise TrainDataError(f"{path}: expected integers separated by commas or spaces "
+                             f"({exc})") from exc
+
+
+def subset_positions(labels: np.ndarray, subset: np.ndarray,
+                     min_images: int = MIN_IMAGES_PER_IDENTITY, source: str = "<subset>"
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep samples ``subset``, drop identities with fewer than ``min_images`` of them, relabel.
+
+    Returns ``(kept positions, new labels 0..K-1, old label of each new label)``; new labels keep
+    the order of the old ones (as the published code does).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    subset = np.asarray(subset, dtype=np.int64)
+    bad = subset[(subset < 0) | (subset >= labels.size)]
+    if bad.size:
+        raise TrainDataError(f"{source}: index {int(bad[0])} is out of range for a training set "
+                             f"of {labels.size} samples ({bad.size} such indices)")
+    chosen = labels[subset]
+    counts = np.bincount(chosen, minlength=int(labels.max()) + 1 if labels.size else 0)
+    keep = counts[chosen] >= min_images
+    kept_old = chosen[keep]
+    old_of_new = np.unique(kept_old)
+    return subset[keep], np.searchsorted(old_of_new, kept_old), old_of_new
+
+
+def apply_subset(dataset: FaceTrainDataset, subset: np.ndarray,
+                 min_images: int = MIN_IMAGES_PER_IDENTITY, source: str = "<subset>") -> None:
+    """Restrict ``dataset`` in place to a subset (see :func:`subset_positions`)."""
+    before_n, before_k = len(dataset), dataset.num_classes
+    positions, new_labels, old_of_new = subset_positions(dataset.labels, subset, min_images,
+                                                         source)
+    names = [dataset.identity_names[int(o)] for o in old_of_new]
+    dataset.select(positions, new_labels, names)
+    logger.info("training subset %s: %d of %d samples, %d of %d identities (identities with "
+                "fewer than %d images dropped)", source, len(dataset), before_n,
+                dataset.num_classes, before_k, min_images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation pair sets
+# ----------------------------------------------------------------------------------------------
+def find_missing_pair_sets(root: PathLike, names: Sequence[str]) -> List[str]:
+    """Names of pair sets with neither a complete memfile nor a ``.bin`` under ``root``."""
+    root = Path(root)
+    return [n for n in names if not memfile_exists(root, n) and not (root / f"{n}.bin").is_file()]
+
+
+def ensure_pair_memfiles(root: PathLike, names: Sequence[str], show_progress: bool = True
+                         ) -> List[str]:
+    """Convert ``<root>/<name>.bin`` to a memfile wherever the memfile is missing.
+
+    Raises :class:`MissingPairSetsError` listing every set that has neither. Returns the names
+    that were converted.
+    """
+    root = Path(root)
+    missing = find_missing_pair_sets(root, names)
+    if missing:
+        raise MissingPairSetsError(
+            f"{root}: missing validation pair set(s) {', '.join(missing)}: expected, for each "
+            f"<set>, {root / '<set>' / 'memfile' / 'mem_file.dat'} (with <set>_list.npy) or "
+            f"{root / '<set>.bin'}")
+    converted = []
+    for name in names:
+        if not memfile_exists(root, name):
+            logger.info("converting %s to a memfile", root / f"{name}.bin")
+            bin_to_memfile(root / f"{name}.bin", root, name, show_progress=show_progress)
+            converted.append(name)
+    return converted
+
+
+class ValidationPairDataset(Dataset):
+    """The pair sets' memfiles, concatenated in ``set_names`` order.
+
+    Item ``i``: ``(image (3, 112, 112) float32, issame of its pair, set index, i)``. The memmaps
+    are opened lazily in each process (pickling drops them), so DataLoader workers share the
+    page cache instead of copying the images.
+    """
+
+    def __init__(self, root: PathLike, set_names: Sequence[str] = VAL_SET_NAMES):
+        self.root = Path(root)
+        self.set_names = tuple(set_names)
+        missing = find_missing_pair_sets(self.root, self.set_names)
+        missing += [n for n in self.set_names if n not in missing
+                    and not memfile_exists(self.root, n)]
+        if missing:
+            raise MissingPairSetsError(f"{self.root}: no memfile for pair set(s) "
+                                       f"{', '.join(missing)} (DataModule.prepare_data converts "
+                                       f"<set>.bin files)")
+        sizes, issame_per_image, set_per_image = [], [], []
+        self._issame: Dict[int, np.ndarray] = {}
+        for k, name in enumerate(self.set_names):
+            images, issame = open_memfile(self.root, name)
+            sizes.append(len(images))
+            self._issame[k] = np.asarray(issame, dtype=bool)
+            issame_per_image.append(np.repeat(self._issame[k], 2))
+            set_per_image.append(np.full(len(images), k, dtype=np.int64))
+            del images
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.image_issame = (np.concatenate(issame_per_image) if issame_per_image
+                             else np.zeros(0, bool))
+        self.image_set = (np.concatenate(set_per_image) if set_per_image
+                          else np.zeros(0, np.int64))
+        self._memmaps: Optional[List[np.memmap]] = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def issame(self, set_index: int) -> np.ndarray:
+        """The pair labels of one set (P booleans)."""
+        return self._issame[int(set_index)]
+
+    def set_range(self, set_index: int) -> range:
+        """Global image indices of one set."""
+        return range(int(self.offsets[set_index]), int(self.offsets[set_index + 1]))
+
+    def _arrays(self) -> List[np.memmap]:
+        if self._memmaps is None:
+            self._memmaps = [open_memfile(self.root, n)[0] for n in self.set_names]
+        return self._memmaps
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} validation images")
+        k = int(self.image_set[index])
+        image = np.array(self._arrays()[k][index - self.offsets[k]], dtype=np.float32)
+        return torch.from_numpy(image), bool(self.image_issame[index]), k, index
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_memmaps"] = None
+        return state
+
+
+# ----------------------------------------------------------------------------------------------
+# DataLoader helpers
+# ----------------------------------------------------------------------------------------------
+def worker_init_fn(worker_id: int) -> None:
+    """Seed NumPy and ``random`` in each DataLoader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % (2 ** 32)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The DataModule
+# ----------------------------------------------------------------------------------------------
+class DataModule(pl.LightningDataModule):
+    """AdaFace's data: training images (folder or ``train.rec``) and the validation pair sets.
+
+    ``batch_size`` is per process (divide the total by the number of GPUs before passing it).
+    ``num_classes`` (after the optional subset) and ``num_skipped_images`` are for the training
+    module; ``val_set_names`` maps the validation items' set index to its name.
+    """
+
+    def __init__(self, data_root: PathLike, train_data_path: str, val_data_path: str,
+                 batch_size: int, num_workers: int = 16, train_data_subset: bool = False,
+                 low_res_augmentation_prob: float = 0.0, crop_augmentation_prob: float = 0.0,
+                 photometric_augmentation_prob: float = 0.0, swap_color_channel: bool = False,
+                 use_mxrecord: bool = False, output_dir: Optional[PathLike] = "./",
+                 train_data_subset_path: Optional[PathLike] = None,
+                 skip_corrupt_images: bool = False, val_batch_size: Optional[int] = None,
+                 seed: Optional[int] = None, val_set_names: Sequence[str] = VAL_SET_NAMES,
+                 label_cache_dir: Optional[PathLike] = None):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.data_root = str(data_root)
+        self.train_data_path = str(train_data_path)
+        self.val_data_path = str(val_data_path)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size else self.batch_size
+        self.num_workers = int(num_workers)
+        self.train_data_subset = bool(train_data_subset)
+        self.train_data_subset_path = train_data_subset_path
+        self.low_res_augmentation_prob = low_res_augmentation_prob
+        self.crop_augmentation_prob = crop_augmentation_prob
+        self.photometric_augmentation_prob = photometric_augmentation_prob
+        self.swap_color_channel = bool(swap_color_channel)
+        self.use_mxrecord = bool(use_mxrecord)
+        self.output_dir = output_dir
+        self.skip_corrupt_images = bool(skip_corrupt_images)
+        self.seed = seed
+        self.val_set_names = tuple(val_set_names)
+        self.label_cache_dir = label_cache_dir
+        # validate the probabilities now rather than at setup
+        self._augmenter = Augmenter(crop_augmentation_prob, photometric_augmentation_prob,
+                                    low_res_augmentation_prob)
+        self.train_dataset: Optional[FaceTrainDataset] = None
+        self.val_dataset: Optional[ValidationPairDataset] = None
+        self.test_dataset: Optional[ValidationPairDataset] = None
+
+    @classmethod
+    def from_args(cls, args: Union[Namespace, Mapping], **overrides) -> "DataModule":
+        """Build from the parsed command line (other keys are ignored)."""
+        values = dict(vars(args) if isinstance(args, Namespace) else args)
+        values.update(overrides)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        return cls(**{k: v for k, v in values.items() if k in accepted})
+
+    # -- paths -----------------------------------------------------------------------------------
+    @property
+    def train_dir(self) -> Path:
+        return Path(self.data_root) / self.train_data_path
+
+    @property
+    def val_dir(self) -> Path:
+        return Path(self.data_root) / self.val_data_path
+
+    def train_source(self) -> Path:
+        """The ``train.rec`` (``use_mxrecord``) or the image folder that training reads."""
+        base = self.train_dir
+        if self.use_mxrecord:
+            return base if base.suffix == ".rec" else base / REC_FILE_NAME
+        if (base / IMAGE_FOLDER_NAME).is_dir():
+            return base / IMAGE_FOLDER_NAME
+        if not base.is_dir():
+            raise TrainDataError(f"{base}: training data folder not found (expected "
+                                 f"<data_root>/<train_data_path>/{IMAGE_FOLDER_NAME}/<identity>/"
+                                 f"<image>, or {REC_FILE_NAME} there with --use_mxrecord)")
+        if (base / REC_FILE_NAME).is_file():
+            raise TrainDataError(f"{base}: holds {REC_FILE_NAME} but no {IMAGE_FOLDER_NAME}/ "
+                                 f"folder; pass --use_mxrecord to train from the pack (or "
+                                 f"convert it to images with convert.py)")
+        return base
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Convert pair-set ``.bin`` files to memfiles where needed (once, on the main process)."""
+        ensure_pair_memfiles(self.val_dir, self.val_set_names)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self._build_train_dataset()
+        if stage in (None, "fit", "validate"):
+            if self.val_dataset is None:
+                ensure_pair_memfiles(self.val_dir, self.val_set_names)
+                self.val_dataset = ValidationPairDataset(self.val_dir, self.val_set_names)
+        if stage in (None, "test"):
+            if self.test_dataset is None:
+                ensure_pair_memfiles(self.val_dir, self.val_set_names)
+                self.test_dataset = ValidationPairDataset(self.val_dir, self.val_set_names)
+
+    def _build_train_dataset(self) -> FaceTrainDataset:
+        if self.train_dataset is not None:
+            return self.train_dataset
+        source = self.train_source()
+        common = dict(augmenter=self._augmenter, swap_color_channel=self.swap_color_channel,
+                      skip_corrupt_images=self.skip_corrupt_images)
+        if self.use_mxrecord:
+            dataset: FaceTrainDataset = RecordFaceDataset(source, cache_dir=self.label_cache_dir,
+                                                          **common)
+        else:
+            dataset = ImageFolderFaceDataset(source, **common)
+        if self.train_data_subset:
+            subset_file = self._subset_file()
+            apply_subset(dataset, load_subset_index(subset_file), source=str(subset_file))
+        self.train_dataset = dataset
+        self._save_training_sample(dataset)
+        return dataset
+
+    def _subset_file(self) -> Path:
+        if self.train_data_subset_path:
+            return Path(self.train_data_subset_path)
+        candidates = [Path(DEFAULT_SUBSET_INDEX_FILE),
+                      Path(__file__).resolve().parent / DEFAULT_SUBSET_INDEX_FILE]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise TrainDataError(f"--train_data_subset needs the subset index file: pass "
+                             f"train_data_subset_path (looked for "
+                             f"{', '.join(str(c) for c in candidates)})")
+
+    def _save_training_sample(self, dataset: FaceTrainDataset) -> None:
+        """Decode one sample now (a bad folder fails early) and save it, augmented, as
+        ``<output_dir>/training_samples/sample.jpg`` in true colours for a visual colour check."""
+        try:
+            rgb = dataset.augmented_rgb(0)
+        except BadSampleError as exc:
+            if not dataset.skip_corrupt_images:
+                raise
+            logger.warning("first training sample is bad (%s); no training sample saved", exc)
+            return
+        if self.output_dir is None:
+            return
+        rank = getattr(self.trainer, "global_rank", 0) if self.trainer is not None else 0
+        path = Path(self.output_dir) / TRAINING_SAMPLE_FILE
+        if rank != 0 or path.exists():
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(path, quality=95)
+        except OSError as exc:
+            logger.warning("could not save the training sample %s (%s)", path, exc)
+
+    # -- information for the training module ----------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Identities of the training set (after the subset); builds the training set if needed."""
+        return self._build_train_dataset().num_classes
+
+    @property
+    def num_skipped_images(self) -> int:
+        """Bad training samples skipped so far (with ``skip_corrupt_images``)."""
+        return self.train_dataset.skipped_count if self.train_dataset is not None else 0
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool
+                ) -> DataLoader:
+        kwargs = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=worker_init_fn, persistent_workers=self.num_workers > 0)
+        if self.seed is not None:
+            kwargs["generator"] = torch.Generator().manual_seed(int(self.seed))
+        return DataLoader(dataset, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._build_train_dataset()
+        # A last batch of very few samples gives degenerate batch statistics (BatchNorm, the
+        # feature-norm std of AdaFace); drop it when at least one full batch exists.
+        return self._loader(dataset, self.batch_size, shuffle=True,
+                            drop_last=len(dataset) >= self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_dataset is None:
+            self.setup("test")
+        return self._loader(self.test_dataset, self.val_batch_size, shuffle=False,
+                            drop_last=False)
