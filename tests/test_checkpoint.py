@@ -247,6 +247,15 @@ def test_dict_without_tensors_is_refused(tmp_path):
     assert str(path) in message and "no 'state_dict' entry" in message and 'epoch' in message
 
 
+def test_state_dict_with_non_tensors_is_refused():
+    given = {'state_dict': {'model.input_layer.0.weight': torch.zeros(64, 3, 3, 3), 'model.note': 'text'}}
+    expected = r"bad\.ckpt: its 'state_dict' holds 1 non-tensor entries \(model\.note\)"
+    with pytest.raises(CheckpointError, match=expected):
+        extract_backbone_state_dict(given, source='bad.ckpt')
+    with pytest.raises(CheckpointError, match="empty"):
+        extract_backbone_state_dict({'state_dict': {}}, source='bad.ckpt')
+
+
 def test_head_only_checkpoint_is_refused():
     given = {'state_dict': {f'head.{k}': v for k, v in adaface_head_state().items()}}
     with pytest.raises(CheckpointError, match='no backbone weights'):

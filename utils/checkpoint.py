@@ -112,16 +112,19 @@ def extract_backbone_state_dict(checkpoint_or_state_dict: Mapping, source: str =
                               f"got {type(checkpoint_or_state_dict).__name__}")
     if 'state_dict' in checkpoint_or_state_dict:
         state = checkpoint_or_state_dict['state_dict']
-        if not isinstance(state, Mapping):
-            raise CheckpointError(f"{source}: its 'state_dict' entry is a {type(state).__name__}, "
-                                  f"not a dict of tensors")
+        if not isinstance(state, Mapping) or not state:
+            raise CheckpointError(f"{source}: its 'state_dict' entry is an empty or non-dict "
+                                  f"{type(state).__name__}, not a dict of tensors")
+        not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
+        if not_tensors:
+            raise CheckpointError(f"{source}: its 'state_dict' holds {len(not_tensors)} non-tensor "
+                                  f"entries ({_name_some(not_tensors)})")
     else:
         state = checkpoint_or_state_dict
-    not_tensors = [k for k, v in state.items() if not torch.is_tensor(v)]
-    if not_tensors or not state:
-        top = ', '.join(map(str, list(checkpoint_or_state_dict)[:10]))
-        raise CheckpointError(f"{source}: neither a Lightning checkpoint (no 'state_dict' entry) nor a "
-                              f"state dict of tensors (top-level keys: {top or 'none'})")
+        if not state or not all(torch.is_tensor(v) for v in state.values()):
+            top = ', '.join(map(str, list(state)[:10]))
+            raise CheckpointError(f"{source}: neither a Lightning checkpoint (no 'state_dict' entry) nor "
+                                  f"a state dict of tensors (top-level keys: {top or 'none'})")
     state = _strip_common_prefixes({str(k): v for k, v in state.items()})
 
     if any(k.startswith(MODEL_PREFIX) for k in state):
