@@ -36,7 +36,7 @@ def _stage(in_channel: int, depth: int, num_units: int) -> list[UnitSpec]:
     return [UnitSpec(in_channel, depth, 2)] + [UnitSpec(depth, depth, 1)] * (num_units - 1)
 
 
-# Stage layouts per published ``num_layers`` value: (in_channel, depth, units) for each of 4 stages.
+# Channels (in_channel, depth) of the four stages, and units per stage for each published ``num_layers``.
 _BASIC_CHANNELS = ((64, 64), (64, 128), (128, 256), (256, 512))
 _BOTTLENECK_CHANNELS = ((64, 256), (256, 512), (512, 1024), (1024, 2048))
 _UNITS_PER_STAGE = {
