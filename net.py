@@ -63,6 +63,12 @@ ARCHITECTURE_CONFIG = {
 }
 ARCHITECTURES: tuple[str, ...] = tuple(ARCHITECTURE_CONFIG)
 
+# Not published: narrow networks (IR-18 layout at a quarter of the channels) for the CPU demo and
+# quick tests. Name -> (num_layers, SE variant, width of the first stage).
+SMALL_ARCHITECTURE_CONFIG = {
+    'ir_tiny': (18, False, 16),
+}
+
 
 def num_units(model_name: str) -> int:
     """Number of residual units in the body of a named architecture."""
@@ -74,14 +80,18 @@ def uses_bottleneck(num_layers: int) -> bool:
     return num_layers > 100
 
 
-def unit_specs(num_layers: int) -> list[UnitSpec]:
-    """All residual units of the body, in order, for a published ``num_layers`` value."""
+def unit_specs(num_layers: int, width: int = 64) -> list[UnitSpec]:
+    """All residual units of the body, in order, for a published ``num_layers`` value.
+
+    ``width`` is the channel count of the input layer (64 in every published network); the stage
+    channels scale with it.
+    """
     if num_layers not in _UNITS_PER_STAGE:
         raise ValueError(f"num_layers must be one of {sorted(_UNITS_PER_STAGE)}, got {num_layers}")
     channels = _BOTTLENECK_CHANNELS if uses_bottleneck(num_layers) else _BASIC_CHANNELS
     specs: list[UnitSpec] = []
     for (in_channel, depth), units in zip(channels, _UNITS_PER_STAGE[num_layers]):
-        specs.extend(_stage(in_channel, depth, units))
+        specs.extend(_stage(in_channel * width // 64, depth * width // 64, units))
     return specs
 
 
@@ -175,12 +185,13 @@ def initialize_weights(modules) -> None:
 class IResNet(nn.Module):
     """IResNet / IR-SE backbone for 112x112 faces, returning ``(embedding, norm)``.
 
-    ``num_layers`` is the published value (18, 34, 50, 100, 152, 200; "IR-101" is 100).
+    ``num_layers`` is the published value (18, 34, 50, 100, 152, 200; "IR-101" is 100);
+    ``width`` the input layer's channels (64 as published; smaller for the demo networks).
     """
 
-    def __init__(self, num_layers: int, use_se: bool = False) -> None:
+    def __init__(self, num_layers: int, use_se: bool = False, width: int = 64) -> None:
         super().__init__()
-        specs = unit_specs(num_layers)
+        specs = unit_specs(num_layers, width)
         bottleneck = uses_bottleneck(num_layers)
         unit_cls = BottleneckIR if bottleneck else BasicBlockIR
         out_channels = specs[-1].depth
@@ -188,7 +199,7 @@ class IResNet(nn.Module):
         self.num_layers = num_layers
         self.use_se = use_se
         # Attribute order fixes the state_dict order: input_layer, output_layer, body (as published).
-        self.input_layer = nn.Sequential(_conv(3, 64, 3), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.input_layer = nn.Sequential(_conv(3, width, 3), nn.BatchNorm2d(width), nn.PReLU(width))
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(out_channels),
             nn.Dropout(0.4),
@@ -211,13 +222,18 @@ class IResNet(nn.Module):
 
 
 def build_model(model_name: str = 'ir_50') -> IResNet:
-    """Build a backbone by name (one of ``ARCHITECTURES``) for 112x112 input.
-
-    The returned module carries its name in ``model.arch``.
+    """Build a backbone by name for 112x112 input: one of ``ARCHITECTURES`` (published) or of
+    ``SMALL_ARCHITECTURE_CONFIG`` (demo networks). The returned module carries its name in ``model.arch``.
     """
-    if model_name not in ARCHITECTURE_CONFIG:
-        raise ValueError(f"unknown backbone {model_name!r}; valid names: {', '.join(ARCHITECTURES)}")
-    num_layers, use_se = ARCHITECTURE_CONFIG[model_name]
-    model = IResNet(num_layers, use_se)
+    if model_name in ARCHITECTURE_CONFIG:
+        num_layers, use_se = ARCHITECTURE_CONFIG[model_name]
+        model = IResNet(num_layers, use_se)
+    elif model_name in SMALL_ARCHITECTURE_CONFIG:
+        num_layers, use_se, width = SMALL_ARCHITECTURE_CONFIG[model_name]
+        model = IResNet(num_layers, use_se, width)
+    else:
+        raise ValueError(f"unknown backbone {model_name!r}; valid names: {', '.join(ARCHITECTURES)} "
+                         f"(and the small demo network{'s' if len(SMALL_ARCHITECTURE_CONFIG) > 1 else ''} "
+                         f"{', '.join(SMALL_ARCHITECTURE_CONFIG)})")
     model.arch = model_name
     return model
