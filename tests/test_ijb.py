@@ -7,8 +7,8 @@ import pytest
 from utils.ijb import (FAR_TARGETS, format_tar_far_table, identification, ijb_meta_paths,
                        image2template_feature, image2template_feature_reference, mean_over_galleries,
                        read_1n_csv, read_landmarks, read_template_media_list, read_template_pair_list,
-                       select_template_features, tar_at_far, unique_template_subjects, verification,
-                       verification_reference)
+                       select_template_features, tar_at_far, template_rows, unique_template_subjects,
+                       verification, verification_reference)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,6 +80,16 @@ def test_verification_bipartite_pairs_and_errors():
         verification(feats, unique_templates, p1[:3], np.array([4, 5, 7]))
     with pytest.raises(ValueError, match="sorted and unique"):
         verification(feats, unique_templates[::-1], p1, p2)
+
+
+@pytest.mark.parametrize("unique_templates", [np.array([3, 8, 20, 21]),                  # lookup table
+                                              np.array([3, 8, 20, 10 ** 12])])           # searchsorted
+def test_template_rows_both_lookups(unique_templates):
+    np.testing.assert_array_equal(template_rows(unique_templates, unique_templates[[2, 0, 3, 3, 1]]),
+                                  [2, 0, 3, 3, 1])
+    for absent in (1, 5, 22, 10 ** 13):       # below, between, above the known ids
+        with pytest.raises(ValueError, match=rf"pairs: 1 template id\(s\).*\[{absent}\]"):
+            template_rows(unique_templates, np.array([8, absent, 3]), "pairs")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Definitions (InsightFace's IJB evaluation, as used by AdaFace's ``validate_IJB_BC.py``):
 
-* template feature: the image features of a template are averaged within each media (a video's
-  frames form one media, a still is a media of its own), the media averages are summed and the sum is
-  L2-normalised; templates are ordered as ``np.unique(templates)``;
+* template feature: the image features of a template are averaged within each media (the frames of
+  one video share a media id), the media averages are summed and the sum is L2-normalised; templates
+  are ordered as ``np.unique(templates)``;
 * 1:1 score of a template pair: the dot product of the two template features;
 * TAR@FAR: the ROC curve of ``sklearn.metrics.roc_curve(labels, scores)`` (default
   ``drop_intermediate=True``) is reversed, and for each FAR target the operating point whose FPR is
@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
+from sklearn.metrics import roc_curve
 from prettytable import PrettyTable
 from tqdm import tqdm
 
@@ -100,9 +101,9 @@ def _read_whitespace_table(path: PathLike, names: Sequence[str], dtypes: Mapping
     except pd.errors.ParserError as err:
         raise ValueError(f"{path}: expected {len(names)} whitespace-separated columns "
                          f"({' '.join(names)}): {err}") from None
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError) as err:
         _raise_first_bad_value(path, names, dtypes)
-        raise
+        raise ValueError(f"{path}: cannot read as columns {' '.join(names)}: {err}") from None
     if table.shape[1] != len(names):
         raise ValueError(f"{path}: expected {len(names)} columns ({' '.join(names)}), found {table.shape[1]}")
     table.columns = list(names)
@@ -236,14 +237,30 @@ def image2template_feature_reference(img_feats: np.ndarray, templates: np.ndarra
 
 
 def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: str = "template ids") -> np.ndarray:
-    """Row of each id in the sorted ``unique_templates``; ``ValueError`` naming ids that are absent."""
+    """Row of each id in the sorted ``unique_templates``; ``ValueError`` naming ids that are absent.
+
+    Integer ids in a compact range go through a lookup table (one gather per id); others through
+    ``np.searchsorted``.
+    """
     unique_templates = np.asarray(unique_templates)
     template_ids = np.asarray(template_ids)
     if unique_templates.ndim != 1 or (len(unique_templates) > 1 and np.any(np.diff(unique_templates) <= 0)):
         raise ValueError("unique_templates must be sorted and unique (as returned by image2template_feature)")
-    rows = np.searchsorted(unique_templates, template_ids)
-    found = rows < len(unique_templates)
-    found[found] = unique_templates[rows[found]] == template_ids[found]
+    if len(unique_templates) == 0:
+        raise ValueError(f"{what}: there are no templates")
+    integer = np.issubdtype(unique_templates.dtype, np.integer) and np.issubdtype(template_ids.dtype, np.integer)
+    low, high = unique_templates[0], unique_templates[-1]
+    if integer and int(high) - int(low) < max(16 * len(unique_templates), 1 << 22):
+        span = int(high) - int(low) + 1
+        table = np.zeros(span, dtype=np.intp)
+        table[unique_templates - low] = np.arange(len(unique_templates))
+        offsets = template_ids - low
+        np.clip(offsets, 0, span - 1, out=offsets)          # out-of-range ids fail the check below
+        rows = table[offsets]
+    else:
+        rows = np.searchsorted(unique_templates, template_ids)
+        np.clip(rows, 0, len(unique_templates) - 1, out=rows)
+    found = unique_templates[rows] == template_ids
     if not found.all():
         missing = np.unique(template_ids[~found])
         raise ValueError(f"{what}: {len(missing)} template id(s) have no images in the template/media list, "
@@ -254,11 +271,11 @@ def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: 
 def _scores_by_gram(feats: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
                     left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """Scores read off the Gram matrix between the templates used on each side of the pairs."""
-    position1 = np.cumsum(left, dtype=np.int64) - 1
-    position2 = np.cumsum(right, dtype=np.int64) - 1
     num_right = int(right.sum())
+    start_of_row = (np.cumsum(left, dtype=np.intp) - 1) * num_right     # per template, its row start
+    position2 = np.cumsum(right, dtype=np.intp) - 1
     gram = feats[left] @ feats[right].T
-    flat = position1[rows1] * num_right
+    flat = start_of_row[rows1]
     flat += position2[rows2]
     return np.take(gram.ravel(), flat)
 
@@ -346,8 +363,6 @@ def verification_reference(template_norm_feats: np.ndarray, unique_templates: np
 def tar_at_far(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence[float] = FAR_TARGETS
                ) -> Dict[float, float]:
     """TAR at each FAR target, read off ``sklearn.metrics.roc_curve`` at the nearest FPR (see module doc)."""
-    from sklearn.metrics import roc_curve
-
     scores, labels = np.asarray(scores).ravel(), np.asarray(labels).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
