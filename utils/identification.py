@@ -9,10 +9,10 @@ The definitions are those of the ``DIR_FAR`` helper that AdaFace's low-quality e
 * closed set (``FARs == [1.0]``): DIR = fraction of mated probes that succeed at rank k; the returned
   threshold is ``min(score_mat) - 1e-10``;
 * open set: ``max_nm`` = the top score of each non-mated probe, sorted high to low; for a false
-  alarm rate ``far``, ``n = round(far * #non-mated)`` and the threshold is ``max_nm[n - 1]`` (``n >= 1``)
-  or ``max_nm[0] + 1e-5`` (``n == 0``). DIR = fraction of mated probes whose (single) mate score is
-  ``>= threshold`` and that succeed at rank k; the returned FAR is the fraction of non-mated probes
-  whose top score is ``>= threshold``.
+  alarm rate ``far``, ``n = round(far * #non-mated)`` (AdaFace's copy rounds; the original code
+  truncates) and the threshold is ``max_nm[n - 1]`` (``n >= 1``) or ``max_nm[0] + 1e-5`` (``n == 0``).
+  DIR = fraction of mated probes whose (single) mate score is ``>= threshold`` and that succeed at
+  rank k; the returned FAR is the fraction of non-mated probes whose top score is ``>= threshold``.
 
 The ranking is vectorised: the rank of the best mate is the number of gallery scores above the best
 mate score; only rows where a non-mate ties with that score (or that hold a NaN) are ordered with

@@ -254,7 +254,7 @@ def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: 
         span = int(high) - int(low) + 1
         table = np.zeros(span, dtype=np.intp)
         table[unique_templates - low] = np.arange(len(unique_templates))
-        offsets = template_ids - low
+        offsets = template_ids.astype(np.int64) - int(low)
         np.clip(offsets, 0, span - 1, out=offsets)          # out-of-range ids fail the check below
         rows = table[offsets]
     else:
