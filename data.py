@@ -207,7 +207,7 @@ def scan_image_folder(root: PathLike) -> Tuple[List[str], np.ndarray, np.ndarray
                         + (" ..." if len(foreign) > 10 else ""))
     if problems:
         raise TrainDataError(f"{root}: bad training image folder: " + "; ".join(problems))
-    encoded = np.array([p.encode("utf-8") for p in rel_paths], dtype=bytes)
+    encoded = np.array([os.fsencode(p) for p in rel_paths], dtype=bytes)
     return classes, encoded, np.asarray(labels, dtype=np.int64)
 
 
@@ -224,7 +224,7 @@ class ImageFolderFaceDataset(FaceTrainDataset):
                     self.num_classes)
 
     def path_of(self, index: int) -> Path:
-        return self.root / self.rel_paths[index].decode("utf-8")
+        return self.root / os.fsdecode(self.rel_paths[index])
 
     def source_of(self, index: int) -> str:
         return str(self.path_of(index))

@@ -64,6 +64,20 @@ def test_folder_and_record_paths_give_identical_tensors(demo):
         assert torch.equal(a, rgb_to_tensor(decode_image_bytes(folder.path_of(i).read_bytes())))
 
 
+def test_folder_order_and_labels_match_torchvision_imagefolder(demo, tmp_path):
+    from torchvision.datasets import ImageFolder
+    root = _copy_tree(demo / "imgs", tmp_path / "imgs")
+    jpeg = next((root / "0").iterdir()).read_bytes()
+    (root / "10" / "sub").mkdir(parents=True)   # "10" sorts before "2"; nested images count
+    for rel in ("10/2.jpg", "10/10.jpg", "10/sub/1.JPG", "2/9.png"):
+        (root / rel).write_bytes(jpeg)
+    ours = ImageFolderFaceDataset(root)
+    reference = ImageFolder(str(root))
+    assert [str(ours.path_of(i)) for i in range(len(ours))] == [p for p, _ in reference.samples]
+    assert ours.labels.tolist() == reference.targets
+    assert ours.identity_names == reference.classes
+
+
 def test_flip_and_swap_color_channel(demo):
     dm = _module(demo)
     dm.setup("fit")
