@@ -1,0 +1,120 @@
+"""Train (or evaluate) a face recogniser: ``python main.py --help``; ``python main.py --demo``."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+import data
+import train_val
+from utils.config import get_args
+from utils.report import print_results_table
+
+logger = logging.getLogger("main")
+
+
+def devices_per_node(args) -> int:
+    return args.gpus if args.gpus > 0 else max(1, args.cpu_processes)
+
+
+def build_loggers(args) -> List:
+    loggers: List = [CSVLogger(save_dir=args.output_dir, name="result")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        import tensorboard  # noqa: F401
+        loggers.append(TensorBoardLogger(save_dir=args.output_dir, name="tensorboard"))
+    except ImportError:
+        pass
+    if args.use_wandb:
+        from pytorch_lightning.loggers import WandbLogger
+        loggers.append(WandbLogger(save_dir=args.output_dir, name=os.path.basename(args.output_dir),
+                                   project="adaface_face_recognition"))
+    return loggers
+
+
+def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
+    """The ``pl.Trainer`` of the published run, on Lightning 2 (CPU, one GPU, DDP, multi-node)."""
+    if args.gpus > 0 and not torch.cuda.is_available():
+        raise SystemExit(f"--gpus {args.gpus} asked for GPUs but CUDA is not available here; "
+                         f"use --gpus 0 to train on the CPU")
+    if args.gpus == 0 and args.precision == "16-mixed":
+        raise SystemExit("--precision 16-mixed (--use_16bit) needs a GPU; on the CPU use bf16-mixed or 32")
+    world = devices_per_node(args) * args.num_nodes
+    strategy = "ddp" if world > 1 else "auto"
+    return pl.Trainer(
+        default_root_dir=args.output_dir,
+        logger=list(loggers),
+        accelerator="cpu" if args.gpus == 0 else "gpu",
+        devices=devices_per_node(args),
+        num_nodes=args.num_nodes,
+        strategy=strategy,
+        max_epochs=args.epochs,
+        precision=args.precision,
+        fast_dev_run=args.fast_dev_run,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=getattr(args, "num_sanity_val_steps", 16 if args.batch_size > 63 else 100),
+        val_check_interval=1.0 if args.epochs > 4 else 0.1,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        limit_train_batches=50 if args.test_run else 1.0,
+        log_every_n_steps=getattr(args, "log_every_n_steps", 50),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args(argv)
+    if args.demo:
+        from utils.demo import prepare_demo_data
+        prepare_demo_data(args)
+
+    world = devices_per_node(args) * args.num_nodes
+    if args.batch_size % world:
+        raise SystemExit(f"--batch_size {args.batch_size} (the total batch) is not divisible by the "
+                         f"{world} training processes")
+    args.total_batch_size = args.batch_size
+    args.batch_size = args.batch_size // world
+    if world > 1 and args.gpus > 0:
+        torch.set_num_threads(1)
+    pl.seed_everything(args.seed, workers=True)
+
+    data_module = data.DataModule.from_args(args, seed=args.seed)
+    hparams = dict(vars(args))
+    hparams["class_num"] = (args.custom_num_class if args.custom_num_class != -1
+                            else data_module.num_classes)
+    hparams["val_set_names"] = list(data_module.val_set_names)
+    module = train_val.Trainer(**hparams)
+
+    checkpoint = ModelCheckpoint(dirpath=args.output_dir, save_last=True, monitor="val_acc", mode="max",
+                                 save_top_k=args.epochs + 1 if args.save_all_models else 1)
+    trainer = build_trainer(args, [checkpoint], build_loggers(args))
+    if trainer.is_global_zero:
+        logger.info("output folder: %s", args.output_dir)
+
+    if args.evaluate:
+        trainer.test(module, datamodule=data_module)
+    else:
+        try:
+            trainer.fit(module, datamodule=data_module, ckpt_path=args.resume_from_checkpoint or None)
+        except train_val.NonFiniteLossError as exc:
+            if trainer.is_global_zero:
+                print(f"\nTraining stopped: {exc}", file=sys.stderr)
+            return 2
+        best = checkpoint.best_model_path
+        trainer.test(module, datamodule=data_module, ckpt_path=best if best else None)
+    if trainer.is_global_zero:
+        title = "evaluation" if args.evaluate else f"test of {checkpoint.best_model_path or 'the final model'}"
+        print_results_table(module.last_results, module.val_set_names, stage="test", title=title)
+        if args.demo:
+            from utils.demo import report_demo
+            report_demo(args, module)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

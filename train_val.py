@@ -1,0 +1,172 @@
+"""The Lightning module: backbone (``model``) + margin head (``head``), loss, validation, optimiser.
+
+Checkpoints therefore hold ``model.*`` and ``head.*`` keys, as the published ones do, and the
+training arguments as ``hyper_parameters``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.optim as optim
+import torch.optim.lr_scheduler as lr_scheduler
+from torch.nn import CrossEntropyLoss
+
+import head as heads
+import net
+from utils.checkpoint import load_backbone_weights, read_checkpoint
+from utils.evaluate_utils import evaluate
+from utils.features import embed_batch
+from utils.pairsets import VAL_SET_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def split_parameters(module: torch.nn.Module):
+    """``(decay, no_decay)``: BatchNorm parameters get no weight decay, every other leaf's do."""
+    decay, no_decay = [], []
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            no_decay.extend(m.parameters())
+        elif len(list(m.children())) == 0:
+            decay.extend(m.parameters())
+    assert len(list(module.parameters())) == len(decay) + len(no_decay)
+    return decay, no_decay
+
+
+class Trainer(pl.LightningModule):
+    """AdaFace training module (the published name). Hyper-parameters are the ``main.py`` flags
+    plus ``class_num`` (the number of training identities) and ``val_set_names``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        hp = self.hparams
+        self.class_num = int(hp.custom_num_class if hp.get("custom_num_class", -1) != -1 else hp.class_num)
+        self.val_set_names: List[str] = list(hp.get("val_set_names") or VAL_SET_NAMES)
+        self.model = net.build_model(model_name=hp.arch)
+        self.head = heads.build_head(head_type=hp.head, embedding_size=512, class_num=self.class_num,
+                                     m=hp.m, h=hp.h, t_alpha=hp.t_alpha, s=hp.s)
+        self.cross_entropy_loss = CrossEntropyLoss()
+        self._outputs: List[Dict[str, torch.Tensor]] = []
+        self.last_results: Dict[str, float] = {}
+        self.last_embeddings: Optional[Dict[str, np.ndarray]] = None
+        if hp.get("start_from_model_statedict"):
+            path = hp.start_from_model_statedict
+            load_backbone_weights(self.model, read_checkpoint(path), strict=True, source=str(path))
+            logger.info("backbone initialised from %s", path)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        embeddings, norms = self.model(images)
+        logits = self.head(embeddings, norms, labels)
+        return logits, norms, embeddings, labels
+
+    def get_current_lr(self) -> float:
+        return self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch[0], batch[1]
+        logits, norms, _, labels = self(images, labels)
+        loss = self.cross_entropy_loss(logits, labels)
+        self._stop_on_non_finite(loss)
+        self.log("lr", self.get_current_lr(), on_step=True, on_epoch=True, logger=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, logger=True, prog_bar=True)
+        return loss
+
+    def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank stops
+        if bad:
+            raise NonFiniteLossError(
+                f"training loss is not finite at epoch {self.current_epoch}, global step "
+                f"{self.global_step}; stopping. The last good checkpoint is kept in "
+                f"{self.hparams.get('output_dir') or 'the output folder'} (last.ckpt). Try a lower --lr "
+                f"or --precision 32 / bf16-mixed.")
+
+    def configure_optimizers(self):
+        decay, no_decay = split_parameters(self.model)
+        optimizer = optim.SGD([{"params": decay + [self.head.kernel], "weight_decay": self.hparams.weight_decay},
+                               {"params": no_decay}], lr=self.hparams.lr, momentum=self.hparams.momentum)
+        scheduler = lr_scheduler.MultiStepLR(optimizer, milestones=list(self.hparams.lr_milestones),
+                                             gamma=self.hparams.lr_gamma)
+        return [optimizer], [scheduler]
+
+    # ---------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    def validation_step(self, batch, batch_idx):
+        images, issame, set_index, image_index = batch
+        features, norms = embed_batch(self.model, images, use_flip=True, fusion_method="pre_norm_vector_add")
+        self._outputs.append({"output": features.float(), "norm": norms.float(), "target": issame.long(),
+                              "dataname": set_index, "image_index": image_index})
+
+    def on_validation_epoch_end(self) -> None:
+        results = self._evaluate_outputs("val")
+        results["epoch"] = float(self.current_epoch)
+        for key, value in results.items():
+            self.log(key, value, sync_dist=False)
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        results = self._evaluate_outputs("test")
+        for key, value in results.items():
+            self.log(key, value, sync_dist=False)
+
+    def gather_outputs(self) -> Dict[str, np.ndarray]:
+        """All ranks' outputs, without the duplicates a distributed sampler pads with, by image index."""
+        if not self._outputs:
+            return {}
+        local = {k: torch.cat([o[k] for o in self._outputs]) for k in self._outputs[0]}
+        if self._trainer is not None and self.trainer.world_size > 1:
+            local = {k: self.all_gather(v) for k, v in local.items()}
+            local = {k: v.reshape(-1, *v.shape[2:]) for k, v in local.items()}
+        merged = {k: v.detach().cpu().numpy() for k, v in local.items()}
+        _, first = np.unique(merged["image_index"], return_index=True)  # sorted by image index
+        return {k: v[first] for k, v in merged.items()}
+
+    def _evaluate_outputs(self, stage: str) -> Dict[str, float]:
+        out = self.gather_outputs()
+        self._outputs = []
+        if not out:
+            return {}
+        results: Dict[str, float] = {}
+        accuracies = []
+        for set_index, name in enumerate(self.val_set_names):
+            rows = out["dataname"] == set_index
+            if not rows.any():
+                continue
+            embeddings = out["output"][rows]
+            if len(embeddings) % 2:  # a partial run (fast_dev_run, limit_val_batches) cut a pair
+                embeddings = embeddings[:-1]
+            issame = out["target"][rows][0:len(embeddings):2].astype(bool)
+            folds = min(10, len(issame))
+            if folds < 2:
+                continue
+            if folds < 10:
+                logger.warning("%s: only %d pairs were embedded; using %d folds instead of 10",
+                               name, len(issame), folds)
+            _, _, accuracy, best_thresholds = evaluate(embeddings, issame, nrof_folds=folds)
+            results[f"{name}_{stage}_acc"] = float(accuracy.mean())
+            results[f"{name}_{stage}_best_threshold"] = float(best_thresholds.mean())
+            results[f"{name}_num_{stage}_samples"] = float(len(embeddings))
+            accuracies.append(float(accuracy.mean()))
+        results[f"{stage}_acc"] = float(np.mean(accuracies)) if accuracies else math.nan
+        self.last_results = results
+        self.last_embeddings = out
+        return results

@@ -1,0 +1,145 @@
+"""The training command line: every published flag with its published default, plus our additions.
+
+``python main.py --help`` prints all of them. Differences from the published ``config.py``:
+
+* ``--head`` accepts ``adaface``, ``arcface`` and ``cosface`` (the published choices held only adaface);
+* ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
+  training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
+* ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
+  ``--num_nodes``, ``--cpu_processes``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
+  ``--output_dir`` and ``--experiments_root`` are new.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from time import gmtime, strftime
+from typing import List, Optional, Sequence
+
+from head import HEAD_TYPES
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+
+def _milestones(text: str) -> List[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr_milestones must be comma-separated epochs, got {text!r}")
+    if values != sorted(values):
+        raise argparse.ArgumentTypeError(f"--lr_milestones must be increasing, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``main.py``."""
+    p = argparse.ArgumentParser(
+        description="Train or evaluate an IResNet face recogniser with the AdaFace / ArcFace / CosFace "
+                    "margin head.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data_root", type=str, default="")
+    data.add_argument("--train_data_path", type=str, default="faces_emore/imgs",
+                      help="image folder (one sub-folder per identity) or, with --use_mxrecord, the folder "
+                           "holding train.rec/train.idx; relative to --data_root")
+    data.add_argument("--val_data_path", type=str, default="faces_emore",
+                      help="folder with the five pair sets (memfiles or .bin), relative to --data_root")
+    data.add_argument("--use_mxrecord", action="store_true", help="train directly from train.rec")
+    data.add_argument("--train_data_subset", action="store_true",
+                      help="train on the subset listed by --train_data_subset_path (MS1MV2 ablation)")
+    data.add_argument("--train_data_subset_path", type=str,
+                      default="assets/ms1mv2_train_subset_index.txt",
+                      help="index file of the subset (comma/whitespace-separated sample indices, or .npy); "
+                           "the published MS1MV2 one ships with the original AdaFace repository")
+    data.add_argument("--swap_color_channel", action="store_true",
+                      help="the training files hold red and blue swapped: swap them back after decoding, "
+                           "so that the network sees true-colour BGR")
+    data.add_argument("--num_workers", default=16, type=int)
+    data.add_argument("--skip_corrupt_images", action="store_true",
+                      help="log and skip undecodable training images instead of stopping")
+    data.add_argument("--low_res_augmentation_prob", default=0.0, type=float)
+    data.add_argument("--crop_augmentation_prob", default=0.0, type=float)
+    data.add_argument("--photometric_augmentation_prob", default=0.0, type=float)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--prefix", type=str, default="default", help="experiment name prefix")
+    run.add_argument("--experiments_root", type=str, default="experiments")
+    run.add_argument("--output_dir", type=str, default="",
+                     help="output folder (default: <experiments_root>/<prefix>_<MM-DD>_<n>)")
+    run.add_argument("--gpus", type=int, default=1, help="GPUs per node; 0 trains on the CPU")
+    run.add_argument("--num_nodes", type=int, default=1, help="nodes (torchrun or SLURM launches them)")
+    run.add_argument("--cpu_processes", type=int, default=1,
+                     help="with --gpus 0: number of CPU processes (DDP over gloo when more than 1)")
+    run.add_argument("--distributed_backend", type=str, default="ddp", choices=("dp", "ddp", "ddp2"),
+                     help="published flag; Lightning 2 runs DDP whenever more than one device is used")
+    run.add_argument("--use_16bit", action="store_true", help="same as --precision 16-mixed")
+    run.add_argument("--precision", type=str, default=None, choices=PRECISIONS,
+                     help="training precision (default 32, or 16-mixed with --use_16bit)")
+    run.add_argument("--epochs", default=24, type=int)
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--batch_size", default=256, type=int,
+                     help="total batch size over all GPUs of all nodes")
+    run.add_argument("--accumulate_grad_batches", type=int, default=1)
+    run.add_argument("--fast_dev_run", action="store_true")
+    run.add_argument("--test_run", action="store_true", help="50 training batches per epoch")
+    run.add_argument("--evaluate", action="store_true",
+                     help="only evaluate (use with --start_from_model_statedict)")
+    run.add_argument("--resume_from_checkpoint", type=str, default="")
+    run.add_argument("--start_from_model_statedict", type=str, default="")
+    run.add_argument("--use_wandb", action="store_true")
+    run.add_argument("--save_all_models", action="store_true")
+    run.add_argument("--demo", action="store_true",
+                     help="generate the built-in demo data if needed and train a small model on the CPU")
+    run.add_argument("--demo_dir", type=str, default="tmp/demo_data")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--lr", default=0.1, type=float)
+    optim.add_argument("--lr_milestones", default="8,12,14", type=_milestones)
+    optim.add_argument("--lr_gamma", default=0.1, type=float)
+    optim.add_argument("--momentum", default=0.9, type=float)
+    optim.add_argument("--weight_decay", default=5e-4, type=float)
+
+    model = p.add_argument_group("model and head")
+    model.add_argument("--arch", default="ir_18")
+    model.add_argument("--head", default="adaface", type=str, choices=HEAD_TYPES)
+    model.add_argument("--m", default=0.5, type=float)
+    model.add_argument("--h", default=0.0, type=float)
+    model.add_argument("--s", type=float, default=64.0)
+    model.add_argument("--t_alpha", default=0.01, type=float)
+    model.add_argument("--custom_num_class", type=int, default=-1,
+                       help="number of classes of the head (default: counted from the training data)")
+    return p
+
+
+def resolve_precision(args: argparse.Namespace) -> str:
+    if args.precision:
+        return args.precision
+    return "16-mixed" if args.use_16bit else "32"
+
+
+def next_output_dir(root: str, prefix: str) -> str:
+    """``<root>/<prefix>_<MM-DD>_<n>`` with the first free ``n`` (as published)."""
+    stamp = strftime("%m-%d", gmtime())
+    n = 0
+    while os.path.isdir(os.path.join(root, f"{prefix}_{stamp}_{n}")):
+        n += 1
+    return os.path.join(root, f"{prefix}_{stamp}_{n}")
+
+
+def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` and fill in the derived fields (precision, output_dir)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo:
+        from utils.demo import apply_demo_settings
+        apply_demo_settings(args, parser.parse_args([]))
+    args.precision = resolve_precision(args)
+    if args.use_16bit and args.precision != "16-mixed":
+        raise SystemExit("--use_16bit contradicts --precision " + args.precision)
+    if args.resume_from_checkpoint:
+        if not args.resume_from_checkpoint.endswith(".ckpt"):
+            raise SystemExit(f"--resume_from_checkpoint expects a .ckpt file, got "
+                             f"{args.resume_from_checkpoint}")
+        args.output_dir = args.output_dir or os.path.dirname(args.resume_from_checkpoint)
+    if not args.output_dir:
+        args.output_dir = next_output_dir(args.experiments_root, args.prefix)
+    return args
