@@ -113,7 +113,7 @@ def test_photometric_changes_colours_only_within_jitter_bounds():
         assert out[0, 0, 0] == pytest.approx(120 * brightness, abs=1.0)
         gains.append(out[0, 0, 0] / 120)
     assert 0.5 - 0.01 <= min(gains) < 0.6 and 1.4 < max(gains) <= 1.5 + 0.01
-    # on a coloured image the geometry is untouched: output equals PIL's enhancers in the drawn order
+    # on a coloured image the geometry is untouched: the output is PIL's enhancers in drawn order
     img = _textured_image(3)
     out, info = aug.augment_with_info(img)
     pil = Image.fromarray(img)
@@ -146,7 +146,8 @@ def test_seeded_runs_repeat():
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
-def _published_augment(pil: Image.Image, p_crop: float, p_photo: float, p_low: float) -> Image.Image:
+def _published_augment(pil: Image.Image, p_crop: float, p_photo: float, p_low: float
+                       ) -> Image.Image:
     """The published augmenter's steps restated plainly (PIL image, global NumPy and torch RNGs)."""
     if np.random.random() < p_crop:
         canvas = np.zeros_like(np.array(pil))

@@ -1,26 +1,28 @@
-"""Tests of data.py: folder and RecordIO training sets, the subset, pair sets, loaders, bad input."""
+"""Tests of data.py: folder and RecordIO training sets, subset, pair sets, loaders, bad input."""
 from __future__ import annotations
 
 import io
 import logging
+import pickle
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 from skimage import data as skimage_data
 from torch.utils.data import DataLoader, Dataset
 
 from data import (BadSampleError, DataModule, ImageFolderFaceDataset, MissingPairSetsError,
-                  RecordFaceDataset, TrainDataError, ValidationPairDataset, apply_subset,
-                  load_subset_index, subset_positions, worker_init_fn)
+                  RecordFaceDataset, TrainDataError, ValidationPairDataset, load_subset_index,
+                  subset_positions, worker_init_fn)
 from utils.demo_data import generate_demo_data
-from utils.image import (decode_image_bytes, encode_jpeg, rgb_to_tensor, swap_red_blue,
-                         to_input)
-from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, write_pair_bin
+from utils.image import decode_image_bytes, encode_jpeg, rgb_to_tensor, to_input
+from utils.pairsets import VAL_SET_NAMES, write_pair_bin
 from utils.recordio import write_face_pack
 
 TINY = dict(num_train_ids=4, imgs_per_id=6, num_val_ids=5, pairs_per_set=4, show_progress=False)
@@ -238,7 +240,6 @@ def test_missing_pair_sets_listed_and_bin_converted(demo, tmp_path):
 
 
 def test_validation_dataset_survives_pickling(demo):
-    import pickle
     ds = ValidationPairDataset(demo)
     _ = ds[0]
     clone = pickle.loads(pickle.dumps(ds))
@@ -382,8 +383,42 @@ def test_bad_arguments():
 
 
 def test_from_args_ignores_other_flags(demo):
-    from argparse import Namespace
     args = Namespace(data_root=str(demo), train_data_path=".", val_data_path=".", batch_size=3,
                      num_workers=0, arch="ir_18", lr=0.1, use_mxrecord=True, output_dir=None)
     dm = DataModule.from_args(args, label_cache_dir=demo / "label_cache")
     assert dm.use_mxrecord and dm.batch_size == 3 and dm.num_classes == 4
+
+
+class _Probe(pl.LightningModule):
+    """Records what Lightning feeds it from the DataModule."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.train_batches, self.val_batches = [], []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.train_batches.append((images.shape, labels.dtype))
+        return self.layer(images.mean(dim=(2, 3))).mean()
+
+    def validation_step(self, batch, batch_idx):
+        images, issame, set_index, index = batch
+        self.val_batches.append((images.shape, issame.dtype, set_index.tolist(), index.tolist()))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_trainer_drives_the_datamodule(demo, tmp_path):
+    dm = _module(demo, batch_size=4, val_batch_size=8, output_dir=tmp_path)
+    probe = _Probe()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu", devices=1)
+    trainer.fit(probe, datamodule=dm)
+    assert probe.train_batches == [(torch.Size([4, 3, 112, 112]), torch.int64)] * 2
+    assert [b[3] for b in probe.val_batches] == [list(range(8)), list(range(8, 16))]
+    assert probe.val_batches[1][2] == [1] * 8 and probe.val_batches[0][1] == torch.bool
+    assert (tmp_path / "training_samples" / "sample.jpg").is_file()

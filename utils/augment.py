@@ -3,20 +3,22 @@
 This follows the published AdaFace augmenter (``dataset/augmenter.py`` of mk-minchul/AdaFace)
 step for step, in this order, each step with its own probability:
 
-1. **crop** (``crop_augmentation_prob``): ``torchvision``'s ``RandomResizedCrop.get_params`` with
-   scale ``(0.2, 1.0)`` and ratio ``(3/4, 4/3)`` picks a box ``(i, j, h, w)``; the box is kept at its
-   own position inside an otherwise black image of the original size (no resizing).
-2. **low resolution** (``low_res_augmentation_prob``): a side ratio ``r ~ U(0.2, 1.0)``; the image is
-   resized to ``int(r * H)`` squared with an interpolation drawn from cv2's nearest / linear / area /
-   cubic / Lanczos-4 and resized back to its original size with an independently drawn one.
+1. **crop** (``crop_augmentation_prob``): ``torchvision``'s ``RandomResizedCrop.get_params``
+   with scale ``(0.2, 1.0)`` and ratio ``(3/4, 4/3)`` picks a box ``(i, j, h, w)``; the box is
+   kept at its own position inside an otherwise black image of the original size (no resizing).
+2. **low resolution** (``low_res_augmentation_prob``): a side ratio ``r ~ U(0.2, 1.0)``; the
+   image is resized to ``int(r * H)`` squared with an interpolation drawn from cv2's nearest /
+   linear / area / cubic / Lanczos-4 and resized back to its original size with an independently
+   drawn one.
 3. **photometric** (``photometric_augmentation_prob``): ``ColorJitter(brightness=0.5, contrast=0.5,
    saturation=0.5, hue=0)`` factors and random order (``ColorJitter.get_params``), applied to a PIL
    image with ``torchvision.transforms.functional.adjust_*`` as in the published code.
 
 Random numbers come from the same sources as in the published code: the coin flips and the
-low-resolution draws from NumPy (the global ``np.random`` state, or a ``np.random.Generator`` passed
-as ``rng``), the crop box and the jitter factors from torch's global generator. In DataLoader workers
-torch's generator differs per worker automatically and ``data.worker_init_fn`` seeds NumPy per worker.
+low-resolution draws from NumPy (the global ``np.random`` state, or a ``np.random.Generator``
+passed as ``rng``), the crop box and the jitter factors from torch's global generator. In
+DataLoader workers torch's generator differs per worker automatically and
+``data.worker_init_fn`` seeds NumPy per worker.
 Do not share one ``rng`` object between DataLoader workers (every worker would get a copy of it and
 produce the same augmentations); leave ``rng=None`` there.
 

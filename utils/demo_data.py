@@ -17,6 +17,11 @@ Train with ``--data_root DIR --train_data_path . --val_data_path .`` (or, as wit
 packs, ``--data_root <parent of DIR> --train_data_path <DIR name> --val_data_path <DIR name>``);
 add ``--use_mxrecord`` to read ``train.rec`` instead of ``imgs/``.
 
+Learnability (measured on the default set, 2 shared CPU cores): a small 8-conv-layer CNN with a
+CosFace head (s=16, m=0.2), batch 64, SGD lr 0.1 with a cosine schedule and all three AdaFace
+augmentations at p=0.2 reached a mean 5-set verification accuracy of 0.63 / 0.80 / 0.93 / 0.96 /
+0.96 after epochs 1-5 (10 minutes in all): learnable, but not after one epoch.
+
 Every identity is a fixed, distinctive face-like drawing (oval face with skin texture, hair, eyes,
 brows, nose and mouth at identity-specific places, sizes and colours). Each image varies pose
 (rotation, shift, scale, a simple yaw), lighting, expression, age (greying, wrinkles) and noise,
@@ -28,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import math
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -134,7 +138,8 @@ def random_identity(rng: np.random.Generator, identity_id: str = "") -> Identity
         nose_width=float(rng.uniform(4, 10)),
         mouth_y=float(rng.uniform(84, 94)),
         mouth_width=float(rng.uniform(10, 20)),
-        lips=(float(rng.uniform(120, 220)), float(rng.uniform(40, 110)), float(rng.uniform(40, 120))),
+        lips=(float(rng.uniform(120, 220)), float(rng.uniform(40, 110)),
+              float(rng.uniform(40, 120))),
         lip_thickness=float(rng.uniform(2, 5)),
         texture=texture,
         mark=((float(rng.uniform(-20, 20)), float(rng.uniform(-10, 25)), float(rng.uniform(1.5, 3)))
@@ -280,7 +285,7 @@ def render_identity_image(identity: IdentityParams, rng: np.random.Generator,
     variation = variation or Variation()
     quality = quality or Quality()
     s = size / 112.0
-    # -- per-image nuisance values ---------------------------------------------------------------
+    # -- per-image nuisance values -----------------------------------------------------------------
     rot = float(rng.uniform(-variation.rotation_deg, variation.rotation_deg))
     shift = rng.uniform(-variation.shift_px, variation.shift_px, size=2) * s
     zoom = float(rng.uniform(*variation.scale))
@@ -295,12 +300,12 @@ def render_identity_image(identity: IdentityParams, rng: np.random.Generator,
     background = rng.uniform(20, 235, size=3)
     bg_grad = rng.uniform(-40, 40, size=(2, 3))
 
-    # -- canvas: background ----------------------------------------------------------------------
+    # -- canvas: background ------------------------------------------------------------------------
     yy, xx = _unit_grid(size)
     img = (background[None, None, :] + xx[..., None] * bg_grad[0] + yy[..., None] * bg_grad[1])
     img = img.astype(np.float32)
 
-    # -- face geometry (identity), shifted by yaw ------------------------------------------------
+    # -- face geometry (identity), shifted by yaw --------------------------------------------------
     cx, cy = identity.face_center
     ax, ay = identity.face_axes
     ax_eff = ax * (1.0 - 0.12 * abs(yaw_v))
@@ -384,17 +389,17 @@ def render_identity_image(identity: IdentityParams, rng: np.random.Generator,
             _ellipse(img, (k(cx + feat_dx), k(wy + 8)), (k(0.45 * ax), k(8)), 0, wr_col, 1,
                      200, 340)
 
-    # -- pose: similarity transform around the face centre ---------------------------------------
+    # -- pose: similarity transform around the face centre -----------------------------------------
     m = cv2.getRotationMatrix2D((k(cx), k(cy)), rot, zoom)
     m[:, 2] += shift
     img = cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_REFLECT101)
 
-    # -- lighting -----------------------------------------------------------------------------------
+    # -- lighting ----------------------------------------------------------------------------------
     light = gain + (xx * grad[0] + yy * grad[1]) / 100.0
     img = img * light[..., None] + bias
 
-    # -- quality: down-and-up scaling, blur ----------------------------------------------------------
+    # -- quality: down-and-up scaling, blur --------------------------------------------------------
     if quality.scale < 1.0:
         small = max(2, int(round(quality.scale * size)))
         img = cv2.resize(cv2.resize(img, (small, small), interpolation=cv2.INTER_AREA),
@@ -534,7 +539,8 @@ def _render_train(params: dict, bank: IdentityBank, image_folder: Optional[Path]
 def _quality_row(split: str, index: int, pair: int, label: int, identity: str, file: str,
                  quality: Quality, info: RenderInfo) -> dict:
     return {"split": split, "index": index, "pair": pair, "label": label, "identity": identity,
-            "file": file, "scale": f"{quality.scale:.4f}", "blur_sigma": f"{quality.blur_sigma:.4f}",
+            "file": file, "scale": f"{quality.scale:.4f}",
+            "blur_sigma": f"{quality.blur_sigma:.4f}",
             "quality_score": f"{quality.score:.4f}", "noise_sigma": f"{info.noise_sigma:.3f}",
             "rotation_deg": f"{info.rotation_deg:.3f}", "yaw": f"{info.yaw:.3f}",
             "age": f"{info.age:.3f}", "gain": f"{info.gain:.3f}"}
