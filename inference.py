@@ -1,0 +1,404 @@
+"""AdaFace inference on photos: align the faces (MTCNN), embed them, compare them.
+
+Library use (as in the AdaFace README)::
+
+    from face_alignment import align
+    from inference import load_pretrained_model, to_input
+
+    model = load_pretrained_model('ir_50')               # pretrained/adaface_ir50_ms1mv2.ckpt
+    aligned_rgb_img = align.get_aligned_face('photo.jpg')
+    feature, norm = model(to_input(aligned_rgb_img))     # norm: the quality score
+
+Command line::
+
+    python inference.py [--image_dir DIR] [--architecture ir_50 | --ckpt_path FILE [--arch ARCH]]
+                        [--device cpu|cuda] [--fusion_method none|pre_norm_vector_add|...]
+                        [--export_onnx PATH]
+
+It aligns the most confident face of every image in ``--image_dir`` (default
+``face_alignment/test_images``, filled with sample photos on first use), prints the cosine
+similarity matrix and each face's feature norm, and lists the images it skipped and why. With
+``--export_onnx`` it writes the backbone as ONNX instead and checks the file with onnxruntime.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from prettytable import PrettyTable
+from torch import nn
+from tqdm import tqdm
+
+from face_alignment.align import IMAGE_EXTENSIONS, detect_faces, get_detector, list_images
+from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
+from face_alignment.sample_images import ensure_test_images
+from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG, build_model
+from utils.checkpoint import (CheckpointError, guess_architecture, load_backbone_weights,
+                              load_pretrained_backbone, read_checkpoint)
+from utils.features import embed_batch
+from utils.fusion import FUSION_METHODS
+from utils.image import ImageDecodeError, load_image_file
+from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+PRETRAINED_DIR = REPO_ROOT / "pretrained"
+PRETRAINED_MODELS_URL = "https://github.com/mk-minchul/AdaFace#pretrained-models"
+
+# The default checkpoint of each architecture (file names of the published AdaFace code: its
+# inference.py loads the ir_50 file, its Cog predictor the three below). Relative to the repository.
+adaface_models: Dict[str, str] = {
+    'ir_18': "pretrained/adaface_ir18_vgg2.ckpt",
+    'ir_50': "pretrained/adaface_ir50_ms1mv2.ckpt",
+    'ir_101': "pretrained/adaface_ir101_webface12m.ckpt",
+}
+
+# Every published checkpoint (the "Pretrained Models" table of the AdaFace README): file name ->
+# (architecture, training set). When an architecture's default file is absent, any other file of
+# the same architecture found in pretrained/ is used.
+PUBLISHED_CHECKPOINTS: Dict[str, Tuple[str, str]] = {
+    "adaface_ir18_casia.ckpt": ("ir_18", "CASIA-WebFace"),
+    "adaface_ir18_vgg2.ckpt": ("ir_18", "VGGFace2"),
+    "adaface_ir18_webface4m.ckpt": ("ir_18", "WebFace4M"),
+    "adaface_ir50_casia.ckpt": ("ir_50", "CASIA-WebFace"),
+    "adaface_ir50_webface4m.ckpt": ("ir_50", "WebFace4M"),
+    "adaface_ir50_ms1mv2.ckpt": ("ir_50", "MS1MV2"),
+    "adaface_ir101_ms1mv2.ckpt": ("ir_101", "MS1MV2"),
+    "adaface_ir101_ms1mv3.ckpt": ("ir_101", "MS1MV3"),
+    "adaface_ir101_webface4m.ckpt": ("ir_101", "WebFace4M"),
+    "adaface_ir101_webface12m.ckpt": ("ir_101", "WebFace12M"),
+}
+
+# How the README's table names the architectures.
+_README_ARCH = {'ir_18': 'R18', 'ir_50': 'R50', 'ir_101': 'R100'}
+
+DEFAULT_FUSION = "none"  # the published inference.py embeds each face once, without its mirror
+EMBED_BATCH_SIZE = 32
+
+
+class MissingCheckpointError(CheckpointError):
+    """No published checkpoint for the requested architecture in the pretrained folder."""
+
+
+# -- loading the model ----------------------------------------------------------------------
+
+def _download_hint(architecture: str, folder: Path) -> str:
+    default = Path(adaface_models[architecture]).name
+    arch, data = PUBLISHED_CHECKPOINTS[default]
+    others = [name for name, (a, _) in PUBLISHED_CHECKPOINTS.items() if a == arch and name != default]
+    return (f"No AdaFace checkpoint for {architecture} in {folder}/.\n"
+            f"Download '{default}' (the {_README_ARCH[arch]} / {data} row of the 'Pretrained "
+            f"Models' table in the AdaFace project's README links it: {PRETRAINED_MODELS_URL}) "
+            f"and save it as {folder / default}.\n"
+            f"Any other published {architecture} checkpoint works too under its published name "
+            f"({', '.join(others)}), or pass a checkpoint file with --ckpt_path FILE.")
+
+
+def find_pretrained_checkpoint(architecture: str = 'ir_50',
+                               pretrained_dir: Union[str, Path, None] = None) -> Path:
+    """The published checkpoint file for ``architecture`` in ``pretrained_dir`` (default
+    ``pretrained/`` of the repository): its default file (``adaface_models``) if present, else the
+    first other published file of that architecture. Raises ``MissingCheckpointError`` saying which
+    file to download and where to put it."""
+    if architecture not in adaface_models:
+        raise ValueError(f"no published AdaFace checkpoint for {architecture!r}; published "
+                         f"architectures: {', '.join(adaface_models)} (for any other checkpoint "
+                         f"pass ckpt_path / --ckpt_path)")
+    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
+    default = Path(adaface_models[architecture]).name
+    candidates = [default] + [name for name, (arch, _) in PUBLISHED_CHECKPOINTS.items()
+                              if arch == architecture and name != default]
+    for name in candidates:
+        if (folder / name).is_file():
+            if name != default:
+                logger.info("%s is absent; using %s", folder / default, folder / name)
+            return folder / name
+    raise MissingCheckpointError(_download_hint(architecture, folder))
+
+
+def _check_device(device: Union[str, torch.device]) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def load_pretrained_model(architecture: Optional[str] = None,
+                          ckpt_path: Union[str, Path, None] = None,
+                          device: Union[str, torch.device] = 'cpu',
+                          pretrained_dir: Union[str, Path, None] = None) -> nn.Module:
+    """The AdaFace backbone with its trained weights, in eval mode on ``device``.
+
+    Without ``ckpt_path`` the published checkpoint of ``architecture`` (default ``ir_50``) is
+    taken from ``pretrained/`` (see :func:`find_pretrained_checkpoint`). With ``ckpt_path`` any
+    checkpoint that ``utils.checkpoint`` reads is loaded; its architecture is recognised from its
+    keys when ``architecture`` is None. Raises ``CheckpointError`` (``MissingCheckpointError``)
+    with the file named when a checkpoint is missing or does not fit.
+    """
+    device = _check_device(device)
+    if ckpt_path is None:
+        architecture = architecture or 'ir_50'
+        ckpt_path = find_pretrained_checkpoint(architecture, pretrained_dir)
+        return load_pretrained_backbone(architecture, ckpt_path, device)
+    if architecture is not None:
+        return load_pretrained_backbone(architecture, ckpt_path, device)
+    checkpoint = read_checkpoint(ckpt_path)
+    architecture = guess_architecture(checkpoint)
+    if architecture is None:
+        raise CheckpointError(f"{ckpt_path}: its keys fit none of the architectures "
+                              f"{', '.join(ARCHITECTURES)}; name the architecture (--arch)")
+    logger.info("%s: recognised an %s checkpoint", ckpt_path, architecture)
+    model = build_model(architecture)
+    load_backbone_weights(model, checkpoint, strict=True, source=str(ckpt_path))
+    return model.to(device).eval()
+
+
+# -- aligning, embedding, comparing ---------------------------------------------------------
+
+@dataclass
+class FaceEmbedding:
+    """The most confident face of one photo: its aligned crop, feature and feature norm."""
+
+    name: str
+    path: Path
+    aligned: Image.Image
+    faces_in_photo: int
+    detection_score: float
+    feature: Optional[np.ndarray] = None
+    norm: Optional[float] = None
+
+
+@dataclass
+class InferenceResult:
+    """Faces found (in file order) and the images skipped, each with the reason."""
+
+    faces: List[FaceEmbedding] = field(default_factory=list)
+    skipped: List[Tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def names(self) -> List[str]:
+        return [f.name for f in self.faces]
+
+    @property
+    def features(self) -> np.ndarray:
+        return np.stack([f.feature for f in self.faces]) if self.faces else np.zeros((0, 0))
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.array([f.norm for f in self.faces], dtype=np.float64)
+
+    @property
+    def similarity(self) -> np.ndarray:
+        return cosine_similarity_matrix(self.features)
+
+
+def cosine_similarity_matrix(features: np.ndarray) -> np.ndarray:
+    """Cosine similarities ``(N, N)`` of feature rows, in float64 and exactly symmetric.
+
+    The rows are L2-normalised first (``concat`` fusion gives rows of norm sqrt(2))."""
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2:
+        raise ValueError(f"expected features of shape (N, D), got {feats.shape}")
+    lengths = np.linalg.norm(feats, axis=1, keepdims=True)
+    if np.any(lengths == 0):
+        raise ValueError("a feature vector is all zeros; its cosine similarity is undefined")
+    unit = feats / lengths
+    sims = unit @ unit.T
+    return (sims + sims.T) / 2
+
+
+def align_images(paths: Sequence[Path], root: Optional[Path] = None,
+                 mtcnn_weights: Union[str, Path, None] = None,
+                 device: Union[str, torch.device] = 'cpu',
+                 progress: bool = True) -> InferenceResult:
+    """Detect and align the most confident face of each photo (what ``get_aligned_face`` returns).
+
+    Unreadable files and photos without a face are recorded in ``skipped`` with the reason.
+    Names are the paths relative to ``root`` (or the file names).
+    """
+    get_detector(mtcnn_weights, device)  # fail early on missing MTCNN weights
+    result = InferenceResult()
+    for path in tqdm(paths, desc="aligning", unit="img", disable=not progress):
+        path = Path(path)
+        name = path.relative_to(root).as_posix() if root is not None else path.name
+        try:
+            rgb = load_image_file(path)
+        except ImageDecodeError as exc:
+            result.skipped.append((path, f"unreadable ({exc})"))
+            continue
+        faces = detect_faces(rgb, weights_dir=mtcnn_weights, device=device)
+        if not faces:
+            result.skipped.append((path, "no face found"))
+            continue
+        result.faces.append(FaceEmbedding(name=name, path=path, aligned=faces[0].aligned,
+                                          faces_in_photo=len(faces),
+                                          detection_score=faces[0].score))
+    return result
+
+
+def embed_faces(model: nn.Module, result: InferenceResult, fusion_method: str = DEFAULT_FUSION,
+                batch_size: int = EMBED_BATCH_SIZE) -> InferenceResult:
+    """Fill in each face's feature and norm: ``to_input`` on the aligned crop, then the backbone
+    (with the mirrored crop fused in by ``fusion_method`` unless it is ``'none'``)."""
+    if fusion_method not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion_method {fusion_method!r}; choose from "
+                         f"{', '.join(FUSION_METHODS)}")
+    device = next(model.parameters()).device
+    model.eval()
+    for start in range(0, len(result.faces), batch_size):
+        chunk = result.faces[start:start + batch_size]
+        images = torch.cat([to_input(face.aligned) for face in chunk]).to(device)
+        features, norms = embed_batch(model, images, use_flip=fusion_method != "none",
+                                      fusion_method=fusion_method)
+        for face, feature, norm in zip(chunk, features.cpu().numpy(), norms.cpu().numpy()):
+            face.feature, face.norm = feature, float(norm.reshape(-1)[0])
+    return result
+
+
+def run_inference(model: nn.Module, image_dir: Union[str, Path],
+                  fusion_method: str = DEFAULT_FUSION,
+                  mtcnn_weights: Union[str, Path, None] = None,
+                  progress: bool = True) -> InferenceResult:
+    """Align every image under ``image_dir`` (recursively, sorted) and embed the faces with
+    ``model``; MTCNN runs on the model's device."""
+    root = Path(image_dir)
+    paths = list_images(root)
+    device = next(model.parameters()).device
+    result = align_images(paths, root=root, mtcnn_weights=mtcnn_weights, device=device,
+                          progress=progress)
+    return embed_faces(model, result, fusion_method=fusion_method)
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+def similarity_table(result: InferenceResult, digits: int = 4) -> PrettyTable:
+    """The cosine similarity matrix with the image names as row and column headers."""
+    table = PrettyTable([""] + result.names)
+    for name, row in zip(result.names, result.similarity):
+        table.add_row([name] + [f"{v:.{digits}f}" for v in row])
+    table.align = "r"
+    table.align[""] = "l"
+    return table
+
+
+def quality_table(result: InferenceResult) -> PrettyTable:
+    """Per face: feature norm (AdaFace's quality score), faces in the photo, MTCNN confidence."""
+    table = PrettyTable(["image", "feature norm (quality)", "faces in photo", "detection score"])
+    for face in result.faces:
+        table.add_row([face.name, f"{face.norm:.3f}", face.faces_in_photo,
+                       f"{face.detection_score:.4f}"])
+    table.align = "r"
+    table.align["image"] = "l"
+    return table
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    names = list(ARCHITECTURES) + list(SMALL_ARCHITECTURE_CONFIG)
+    parser = argparse.ArgumentParser(
+        description="Align the face in every photo of a folder (MTCNN), embed it with an AdaFace "
+                    "backbone, and print the cosine similarity matrix and each face's feature norm "
+                    "(AdaFace's image-quality proxy).",
+        epilog=f"Published checkpoints go into pretrained/ under their published names "
+               f"({', '.join(Path(p).name for p in adaface_models.values())}, ...); download "
+               f"links: {PRETRAINED_MODELS_URL}")
+    parser.add_argument("--image_dir", default=None,
+                        help=f"folder of photos, searched recursively (default: "
+                             f"{SAMPLE_IMAGE_DIR.relative_to(REPO_ROOT)}, filled with three "
+                             f"public-domain sample photos when empty)")
+    parser.add_argument("--architecture", "--arch", dest="architecture", default=None,
+                        choices=names, metavar="ARCH",
+                        help="backbone: picks the published checkpoint in pretrained/ "
+                             "(ir_18, ir_50, ir_101; default ir_50), or names the architecture of "
+                             "--ckpt_path (default: recognised from its keys)")
+    parser.add_argument("--ckpt_path", default=None,
+                        help="checkpoint file to load instead of the published one (Lightning "
+                             "checkpoint or backbone state dict)")
+    parser.add_argument("--pretrained_dir", default=str(PRETRAINED_DIR),
+                        help="folder holding the published checkpoints (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for MTCNN and the backbone: cpu (default), cuda, cuda:1")
+    parser.add_argument("--fusion_method", default=DEFAULT_FUSION, choices=FUSION_METHODS,
+                        help="flip test: fuse each face's features with those of its mirror image "
+                             "('none', the default, embeds the face once as the published "
+                             "inference.py does; the evaluation scripts use pre_norm_vector_add)")
+    parser.add_argument("--mtcnn_weights", default=None,
+                        help="folder with pnet.pt, rnet.pt, onet.pt (default: the facenet-pytorch "
+                             "wheel's data, `pip install --no-deps facenet-pytorch==2.6.0`)")
+    parser.add_argument("--export_onnx", default=None, metavar="PATH",
+                        help="write the backbone to PATH as ONNX (dynamic batch axis; outputs "
+                             "embedding and norm), check it against PyTorch with onnxruntime, and "
+                             "exit without processing images")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _image_folder(image_dir: Optional[str]) -> Path:
+    if image_dir is None or Path(image_dir).resolve() == SAMPLE_IMAGE_DIR:
+        ensure_test_images(SAMPLE_IMAGE_DIR)
+        return SAMPLE_IMAGE_DIR
+    return Path(image_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (0 success, 1 failure)."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model = load_pretrained_model(args.architecture, ckpt_path=args.ckpt_path,
+                                      device=args.device, pretrained_dir=args.pretrained_dir)
+    except (CheckpointError, ValueError) as exc:
+        return _fail(str(exc))
+
+    if args.export_onnx:
+        from utils.onnx_export import OnnxExportError, export_and_check
+        try:
+            report = export_and_check(model, args.export_onnx)
+        except OnnxExportError as exc:
+            return _fail(str(exc))
+        print(f"wrote {args.export_onnx} (input 'input' [batch, 3, 112, 112] BGR in [-1, 1]; "
+              f"outputs 'embedding' [batch, 512], 'norm' [batch, 1])")
+        print("onnxruntime vs PyTorch:")
+        print(report.table())
+        return 0
+
+    image_dir = _image_folder(args.image_dir)
+    if not image_dir.is_dir():
+        return _fail(f"image folder not found: {image_dir}")
+    if not list_images(image_dir):
+        return _fail(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
+    try:
+        result = run_inference(model, image_dir, fusion_method=args.fusion_method,
+                               mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress)
+    except FileNotFoundError as exc:  # MTCNN weights
+        return _fail(str(exc))
+
+    for path, reason in result.skipped:
+        print(f"skipped {path}: {reason}")
+    if not result.faces:
+        return _fail(f"no face found in any image under {image_dir}")
+    print(f"cosine similarity ({model.arch if hasattr(model, 'arch') else 'backbone'}, "
+          f"fusion: {args.fusion_method}):")
+    print(similarity_table(result))
+    print("feature norm (AdaFace's quality score: higher means a clearer, more recognisable face):")
+    print(quality_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
