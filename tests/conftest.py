@@ -38,3 +38,14 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def test_data_dir() -> Path:
     return TEST_DATA
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Run a test module with one torch thread (restored afterwards). Small-op workloads (MTCNN,
+    ONNX tracing) ran 10-40x slower with two threads on the shared 2-core build machine
+    (bench/README.md, bench_inference.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

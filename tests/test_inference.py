@@ -26,15 +26,8 @@ needs_weights = pytest.mark.skipif(
     packaged_weights_dir() is None,
     reason=f"MTCNN weights absent: the facenet-pytorch wheel is not installed ({INSTALL_HINT})")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """MTCNN runs many small ops; on a shared 2-core machine two OpenMP threads make it up to
-    40x slower (bench/README.md), so these tests use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# MTCNN runs many small ops, which two threads slow down badly on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _save_checkpoint(path, model):
@@ -209,7 +202,8 @@ def test_skipped_images_are_listed_with_the_reason(result, photo_dir):
     reasons = {path.name: reason for path, reason in result.skipped}
     assert set(reasons) == {"flat.png", "broken.jpg"}
     assert reasons["flat.png"] == "no face found"
-    assert reasons["broken.jpg"].startswith("unreadable") and str(photo_dir / "broken.jpg") in reasons["broken.jpg"]
+    assert reasons["broken.jpg"].startswith("unreadable")
+    assert str(photo_dir / "broken.jpg") in reasons["broken.jpg"]
 
 
 @needs_weights
@@ -241,7 +235,8 @@ def test_cli_prints_matrix_and_norms(tiny, tmp_path, capsys):
                            "--arch", "ir_tiny", "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert f"skipped {folder / 'empty.png'}: no face found" in out
-    header = next(line for line in out.splitlines() if "camera.jpg" in line and "grace_hopper.jpg" in line)
+    header = next(line for line in out.splitlines()
+                  if "camera.jpg" in line and "grace_hopper.jpg" in line)
     assert header.index("camera.jpg") < header.index("grace_hopper.jpg")
     rows = {}
     for line in out.splitlines():
