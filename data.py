@@ -452,7 +452,7 @@ class DataModule(pl.LightningDataModule):
                  batch_size: int, num_workers: int = 16, train_data_subset: bool = False,
                  low_res_augmentation_prob: float = 0.0, crop_augmentation_prob: float = 0.0,
                  photometric_augmentation_prob: float = 0.0, swap_color_channel: bool = False,
-                 use_mxrecord: bool = False, output_dir: Optional[PathLike] = "./",
+                 use_mxrecord: bool = False, output_dir: Optional[PathLike] = None,
                  train_data_subset_path: Optional[PathLike] = None,
                  skip_corrupt_images: bool = False, val_batch_size: Optional[int] = None,
                  seed: Optional[int] = None, val_set_names: Sequence[str] = VAL_SET_NAMES,

@@ -53,6 +53,9 @@ class Trainer(pl.LightningModule):
         self.class_num = int(hp.custom_num_class if hp.get("custom_num_class", -1) != -1 else hp.class_num)
         self.val_set_names: List[str] = list(hp.get("val_set_names") or VAL_SET_NAMES)
         self.model = net.build_model(model_name=hp.arch)
+        self.memory_format = torch.channels_last if hp.get("channels_last") else torch.contiguous_format
+        if hp.get("channels_last"):
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.head = heads.build_head(head_type=hp.head, embedding_size=512, class_num=self.class_num,
                                      m=hp.m, h=hp.h, t_alpha=hp.t_alpha, s=hp.s)
         self.cross_entropy_loss = CrossEntropyLoss()
@@ -66,7 +69,7 @@ class Trainer(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        embeddings, norms = self.model(images)
+        embeddings, norms = self.model(images.contiguous(memory_format=self.memory_format))
         logits = self.head(embeddings, norms, labels)
         return logits, norms, embeddings, labels
 
@@ -107,6 +110,7 @@ class Trainer(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, issame, set_index, image_index = batch
+        images = images.contiguous(memory_format=self.memory_format)
         features, norms = embed_batch(self.model, images, use_flip=True, fusion_method="pre_norm_vector_add")
         self._outputs.append({"output": features.float(), "norm": norms.float(), "target": issame.long(),
                               "dataname": set_index, "image_index": image_index})

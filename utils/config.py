@@ -6,7 +6,7 @@
 * ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
-  ``--num_nodes``, ``--cpu_processes``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
+  ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
   ``--output_dir`` and ``--experiments_root`` are new.
 """
 from __future__ import annotations
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", default=256, type=int,
                      help="total batch size over all GPUs of all nodes")
     run.add_argument("--accumulate_grad_batches", type=int, default=1)
+    run.add_argument("--channels_last", action="store_true",
+                     help="run the backbone in channels_last memory format (faster on CPUs and tensor cores)")
     run.add_argument("--fast_dev_run", action="store_true")
     run.add_argument("--test_run", action="store_true", help="50 training batches per epoch")
     run.add_argument("--evaluate", action="store_true",

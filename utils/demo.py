@@ -18,14 +18,17 @@ from utils.demo_data import QUALITY_FILE, ensure_demo_data, read_quality_table
 
 logger = logging.getLogger(__name__)
 
+DEMO_PAIRS_PER_SET = 200
+
 # settings of the demo run (each applies only where the user kept the flag's default)
 DEMO_SETTINGS = {
     "arch": "ir_tiny",
     "gpus": 0,
-    "epochs": 12,
+    "epochs": 8,
     "batch_size": 64,
     "lr": 0.1,
-    "lr_milestones": [8, 10],
+    "lr_milestones": [5, 7],
+    "channels_last": True,
     "num_workers": 2,
     "m": 0.4,
     "h": 0.333,
@@ -48,7 +51,7 @@ def apply_demo_settings(args, defaults) -> None:
 
 def prepare_demo_data(args) -> dict:
     """Generate the demo data in ``args.demo_dir`` if absent and point the data flags at it."""
-    info = ensure_demo_data(args.demo_dir)
+    info = ensure_demo_data(args.demo_dir, pairs_per_set=DEMO_PAIRS_PER_SET)
     args.data_root = str(Path(args.demo_dir))
     args.train_data_path = "."
     args.val_data_path = "."
