@@ -314,8 +314,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                f"links: {PRETRAINED_MODELS_URL}")
     parser.add_argument("--image_dir", default=None,
                         help=f"folder of photos, searched recursively (default: "
-                             f"{SAMPLE_IMAGE_DIR.relative_to(REPO_ROOT)}, filled with three "
-                             f"public-domain sample photos when empty)")
+                             f"{SAMPLE_IMAGE_DIR.relative_to(REPO_ROOT)}, where three public-domain "
+                             f"sample photos are written if absent)")
     parser.add_argument("--architecture", "--arch", dest="architecture", default=None,
                         choices=names, metavar="ARCH",
                         help="backbone: picks the published checkpoint in pretrained/ "
