@@ -1,0 +1,523 @@
+"""What the evaluation scripts share: model selection, device, input checks, image loading, saved features.
+
+The scripts (``validation_hq/eval_5valsets.py``, ``validation_mixed/validate_IJB_BC.py``,
+``validation_lq/validate_tinyface.py``, ``validation_lq/validate_IJB_S.py``) are thin: each reads its
+protocol, checks that every input exists, obtains image features (from a checkpoint, or from a file
+saved by an earlier run) and hands them to the metric library (``utils.evaluate_utils``,
+``utils.ijb``, ``utils.identification``). This module holds the parts they have in common:
+
+* **models**: ``--model_name`` takes the published names (``ir101_webface12m``, ``ir50_ms1mv2``, ...;
+  ``ir_101_webface12m`` is accepted too), mapped to the files of ``pretrained/``; ``--ckpt_path``
+  (+ ``--arch``, else read from the checkpoint's ``hyper_parameters`` or recognised from its keys)
+  takes any checkpoint that :mod:`utils.checkpoint` reads;
+* **device**: ``--device cpu|cuda|cuda:N|auto``;
+* **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
+  their count, so a broken data folder is reported before any feature is computed;
+* **images**: :class:`ImageListDataset` decodes (and, given 5 landmarks, aligns with
+  :func:`face_alignment.similarity.align_face`) in DataLoader workers, following the one image
+  convention of :mod:`utils.image`;
+* **saved features**: ``--save_features`` writes ``<output_dir>/features.npz`` (features, norms,
+  image names and how they were made); ``--features_path`` reads it back so that the metrics can
+  be re-run without the model. The names are checked against the protocol.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from face_alignment.similarity import align_face
+from net import build_model
+from utils.checkpoint import CheckpointError, guess_architecture, load_backbone_weights, read_checkpoint
+from utils.features import extract_features
+from utils.fusion import FUSION_METHODS
+from utils.image import ImageDecodeError, check_input_size, load_image_file, rgb_to_tensor
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRETRAINED_DIR = REPO_ROOT / "pretrained"
+FEATURES_FILE = "features.npz"
+FEATURES_FORMAT_VERSION = 1
+SHOW_AT_MOST = 5
+
+#: The published AdaFace checkpoints: name -> (file in pretrained/, architecture, training data).
+PUBLISHED_MODELS: Dict[str, Tuple[str, str, str]] = {
+    "ir18_casia": ("adaface_ir18_casia.ckpt", "ir_18", "CASIA-WebFace"),
+    "ir18_vgg2": ("adaface_ir18_vgg2.ckpt", "ir_18", "VGGFace2"),
+    "ir18_webface4m": ("adaface_ir18_webface4m.ckpt", "ir_18", "WebFace4M"),
+    "ir50_casia": ("adaface_ir50_casia.ckpt", "ir_50", "CASIA-WebFace"),
+    "ir50_ms1mv2": ("adaface_ir50_ms1mv2.ckpt", "ir_50", "MS1MV2"),
+    "ir50_webface4m": ("adaface_ir50_webface4m.ckpt", "ir_50", "WebFace4M"),
+    "ir101_ms1mv2": ("adaface_ir101_ms1mv2.ckpt", "ir_101", "MS1MV2"),
+    "ir101_ms1mv3": ("adaface_ir101_ms1mv3.ckpt", "ir_101", "MS1MV3"),
+    "ir101_webface4m": ("adaface_ir101_webface4m.ckpt", "ir_101", "WebFace4M"),
+    "ir101_webface12m": ("adaface_ir101_webface12m.ckpt", "ir_101", "WebFace12M"),
+}
+#: Short names of the published low-quality scripts (``ir50`` is the MS1MV2 IR-50 there).
+MODEL_ALIASES: Dict[str, str] = {"ir50": "ir50_ms1mv2"}
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+class EvalInputError(ValueError):
+    """A protocol file, data folder, feature file or option is unusable; the message says which."""
+
+
+class MissingFilesError(FileNotFoundError):
+    """Files that the protocol needs are missing (the message names the first few and the count)."""
+
+
+#: The errors a script reports as one line (``error: ...``) instead of a traceback.
+USER_ERRORS = (EvalInputError, MissingFilesError, FileNotFoundError, CheckpointError, ImageDecodeError,
+               ValueError)
+
+
+def name_some(items: Sequence, limit: int = SHOW_AT_MOST) -> str:
+    """``'a, b, c'`` or ``'a, b, c, ... (12 in all)'``."""
+    items = [str(i) for i in items]
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def check_files_exist(root: PathLike, rel_paths: Sequence[str], what: str = "images") -> None:
+    """Raise :class:`MissingFilesError` unless every ``root/rel_path`` is a file.
+
+    Each folder is listed once (fast for hundreds of thousands of files in one folder). The error
+    names the first few missing paths and how many there are.
+    """
+    root = Path(root)
+    listings: Dict[str, Optional[set]] = {}
+    missing: List[str] = []
+    for rel in rel_paths:
+        parent, _, name = str(rel).replace("\\", "/").rpartition("/")
+        if parent not in listings:
+            folder = root / parent if parent else root
+            try:
+                listings[parent] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except (FileNotFoundError, NotADirectoryError):
+                listings[parent] = None
+        entries = listings[parent]
+        if entries is None or name not in entries:
+            missing.append(str(rel))
+    if missing:
+        raise MissingFilesError(f"{len(missing)} of {len(rel_paths)} {what} missing under {root}: "
+                                f"{name_some(missing)}")
+
+
+def check_paths_exist(paths: Iterable[PathLike], what: str = "files") -> None:
+    """One error listing every missing path of a short list (protocol files, folders)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise MissingFilesError(f"{len(missing)} {what} missing:\n  " + "\n  ".join(missing))
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+def canonical_model_name(name: str) -> str:
+    """The published model name for ``name`` (``ir_101_webface12m`` -> ``ir101_webface12m``)."""
+    key = re.sub(r"^ir_(\d+)", r"ir\1", str(name).strip().lower())
+    key = MODEL_ALIASES.get(key, key)
+    if key not in PUBLISHED_MODELS:
+        raise EvalInputError(f"unknown --model_name {name!r}; published models: "
+                             f"{', '.join(PUBLISHED_MODELS)} (or pass --ckpt_path and --arch)")
+    return key
+
+
+def published_checkpoint(name: str, pretrained_dir: PathLike = PRETRAINED_DIR) -> Tuple[Path, str]:
+    """``(checkpoint path, architecture)`` of a published model; the file must exist.
+
+    A missing file raises :class:`MissingFilesError` saying which published file to download and
+    exactly where to put it.
+    """
+    key = canonical_model_name(name)
+    file_name, arch, data = PUBLISHED_MODELS[key]
+    path = Path(pretrained_dir) / file_name
+    if not path.is_file():
+        raise MissingFilesError(
+            f"{path.resolve()} not found: --model_name {key} needs the published AdaFace checkpoint "
+            f"'{file_name}' ({arch.upper().replace('_', '-')} trained on {data}). Download it from the "
+            f"pretrained-model table of the AdaFace README (github.com/mk-minchul/AdaFace) and save it as "
+            f"{path.resolve()} (or pass --pretrained_dir, or --ckpt_path with --arch)")
+    return path, arch
+
+
+@dataclass
+class ModelSpec:
+    """Which backbone to evaluate: a label for tables and file names, the file and its architecture."""
+
+    label: str
+    ckpt_path: Path
+    arch: Optional[str] = None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
+    """``--model_name`` / ``--ckpt_path`` (+ ``--arch``, ``--pretrained_dir``)."""
+    nargs = "+" if multiple else None
+    many = " (one or more)" if multiple else ""
+    parser.add_argument("--model_name", nargs=nargs, default=None,
+                        help=f"published model name{many}: {', '.join(PUBLISHED_MODELS)}; the file "
+                             f"is read from --pretrained_dir")
+    parser.add_argument("--ckpt_path", nargs=nargs, default=None,
+                        help=f"checkpoint file{many} (Lightning checkpoint or backbone state dict)")
+    parser.add_argument("--arch", nargs=nargs, default=None,
+                        help="backbone of --ckpt_path (ir_18, ir_50, ir_101, ir_tiny, ...); default: the "
+                             "checkpoint's hyper_parameters.arch, else recognised from its keys")
+    parser.add_argument("--pretrained_dir", default=str(PRETRAINED_DIR),
+                        help="folder of the published checkpoints (default: %(default)s)")
+
+
+def _as_list(value) -> List:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def model_specs_from_args(args: argparse.Namespace) -> List[ModelSpec]:
+    """The models selected on the command line; published files are checked to exist here."""
+    names, paths, archs = _as_list(args.model_name), _as_list(args.ckpt_path), _as_list(args.arch)
+    if names and paths:
+        raise EvalInputError("give either --model_name or --ckpt_path, not both")
+    if not names and not paths:
+        raise EvalInputError("no model: give --model_name (a published model), --ckpt_path (+ --arch) "
+                             "or --features_path (features saved by an earlier run)")
+    specs: List[ModelSpec] = []
+    if names:
+        if archs:
+            raise EvalInputError("--arch goes with --ckpt_path; --model_name implies the architecture")
+        for name in names:
+            path, arch = published_checkpoint(name, args.pretrained_dir)
+            specs.append(ModelSpec(canonical_model_name(name), path, arch))
+        return specs
+    if len(archs) not in (0, 1, len(paths)):
+        raise EvalInputError(f"give one --arch for all checkpoints or one per checkpoint "
+                             f"({len(paths)} checkpoints, {len(archs)} architectures)")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise MissingFilesError(f"checkpoint file(s) not found: {name_some(missing)}")
+    stems = [Path(p).stem for p in paths]
+    labels: List[str] = []
+    for i, path in enumerate(paths):
+        arch = archs[i] if len(archs) == len(paths) else (archs[0] if archs else None)
+        label = stems[i] if stems.count(stems[i]) == 1 else str(Path(path).with_suffix(""))
+        if label in labels:
+            label = f"{label}#{i + 1}"
+        labels.append(label)
+        specs.append(ModelSpec(label, Path(path), arch))
+    return specs
+
+
+def file_safe(label: str) -> str:
+    """``label`` usable as one file or folder name (``runs/a/last`` -> ``runs_a_last``)."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", str(label)).strip("._")
+    return safe or "model"
+
+
+def infer_arch(checkpoint: Mapping, source: str) -> str:
+    """The architecture of a loaded checkpoint: ``hyper_parameters.arch``, else from its keys."""
+    hparams = checkpoint.get("hyper_parameters")
+    arch = getattr(hparams, "arch", None) if not isinstance(hparams, Mapping) else hparams.get("arch")
+    if isinstance(arch, str) and arch:
+        return arch
+    guessed = guess_architecture(checkpoint)
+    if guessed is None:
+        raise EvalInputError(f"{source}: cannot tell the backbone architecture (no hyper_parameters.arch "
+                             f"and the keys match no published architecture); pass --arch")
+    return guessed
+
+
+def load_model(spec: ModelSpec, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Build the backbone of ``spec``, load its weights strictly and return it on ``device``, in eval mode."""
+    checkpoint = read_checkpoint(spec.ckpt_path)
+    arch = spec.arch or infer_arch(checkpoint, str(spec.ckpt_path))
+    spec.arch = arch
+    model = build_model(arch)
+    load_backbone_weights(model, checkpoint, strict=True, source=str(spec.ckpt_path))
+    logger.info("loaded %s (%s) from %s", spec.label, arch, spec.ckpt_path)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# device, options
+# ----------------------------------------------------------------------------------------------
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda when available; default: %(default)s)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a CUDA device that is not there is an error."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise EvalInputError(f"--device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalInputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvalInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise EvalInputError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def str2bool(value: Union[str, bool]) -> bool:
+    """``True``/``False`` from the published scripts' ``--use_flip_test True`` style."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def add_fusion_arguments(parser: argparse.ArgumentParser, use_flip_default: bool = True,
+                         fusion_default: str = "pre_norm_vector_add") -> None:
+    parser.add_argument("--use_flip_test", type=str2bool, nargs="?", const=True, default=use_flip_default,
+                        help="also embed the horizontally flipped image and fuse (default: %(default)s)")
+    parser.add_argument("--fusion_method", default=fusion_default, choices=FUSION_METHODS,
+                        help="how an image and its flip are fused (default: %(default)s)")
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser, batch_size: int = 128, num_workers: int = 4) -> None:
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=num_workers,
+                        help="DataLoader worker processes decoding (and aligning) images (default: %(default)s)")
+
+
+def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save_features", action="store_true",
+                        help=f"save the image features to <output_dir>/{FEATURES_FILE}")
+    parser.add_argument("--features_path", default=None,
+                        help="re-run the metrics on features saved by --save_features (no model needed)")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a script's ``main``; input errors become one ``error: ...`` line and exit status 2."""
+    setup_logging()
+    try:
+        main(argv)
+    except USER_ERRORS as exc:
+        logger.debug("details", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------------
+class ImageListDataset(Dataset):
+    """Image files -> network input ``(3, 112, 112)`` (BGR, [-1, 1]) and the item's index.
+
+    With ``landmarks`` ``(N, 5, 2)`` each image is aligned by the 5-point similarity transform
+    (:func:`face_alignment.similarity.align_face`); without, images must already be aligned 112x112
+    crops. Decoding and alignment run in the DataLoader workers.
+    """
+
+    def __init__(self, paths: Sequence[PathLike], landmarks: Optional[np.ndarray] = None):
+        self.paths = np.asarray([str(p) for p in paths], dtype=object)
+        if landmarks is not None:
+            landmarks = np.asarray(landmarks, dtype=np.float32)
+            if landmarks.shape != (len(self.paths), 5, 2):
+                raise EvalInputError(f"landmarks must have shape ({len(self.paths)}, 5, 2), got {landmarks.shape}")
+        self.landmarks = landmarks
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_rgb(self, index: int) -> np.ndarray:
+        """The aligned 112x112 RGB face of item ``index``."""
+        path = self.paths[index]
+        rgb = load_image_file(path)
+        if self.landmarks is not None:
+            try:
+                return align_face(rgb, self.landmarks[index])
+            except ValueError as exc:
+                raise EvalInputError(f"{path}: cannot align with landmarks {self.landmarks[index].tolist()} "
+                                     f"({exc})") from exc
+        check_input_size(rgb, path)
+        return rgb
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return rgb_to_tensor(self.load_rgb(int(index))), int(index)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """An in-order DataLoader (no shuffling, last batch kept)."""
+    if batch_size < 1:
+        raise EvalInputError(f"--batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise EvalInputError(f"--num_workers must be >= 0, got {num_workers}")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# features: computed or saved
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FeatureSet:
+    """Image features in protocol order and how they were made."""
+
+    features: np.ndarray                     # (N, D) float32, flip-fused and L2-normalised
+    norms: np.ndarray                        # (N, 1) float32, the (fused) feature norms
+    names: List[str]
+    meta: Dict[str, object] = field(default_factory=dict)
+    arrays: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def fusion_method(self) -> str:
+        return str(self.meta.get("fusion_method", "none"))
+
+
+def save_features(path: PathLike, feature_set: FeatureSet) -> Path:
+    """Write ``feature_set`` as an ``.npz`` (readable with ``np.load(..., allow_pickle=False)``)."""
+    path = Path(path)
+    names = np.asarray(feature_set.names, dtype=str)
+    if len(names) != len(feature_set.features) or len(feature_set.norms) != len(feature_set.features):
+        raise ValueError(f"{len(feature_set.features)} features, {len(feature_set.norms)} norms and "
+                         f"{len(names)} names must agree")
+    meta = dict(feature_set.meta, format_version=FEATURES_FORMAT_VERSION,
+                created=datetime.datetime.now().isoformat(timespec="seconds"))
+    reserved = {"features", "norms", "names", "meta"} & set(feature_set.arrays)
+    if reserved:
+        raise ValueError(f"extra arrays may not be called {sorted(reserved)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, features=np.asarray(feature_set.features, dtype=np.float32),
+             norms=np.asarray(feature_set.norms, dtype=np.float32).reshape(-1, 1), names=names,
+             meta=np.asarray(json.dumps(meta, sort_keys=True)), **feature_set.arrays)
+    os.replace(tmp, path)
+    logger.info("saved %d features to %s", len(names), path)
+    return path
+
+
+def load_features(path: PathLike, kind: Optional[str] = None) -> FeatureSet:
+    """Read a file written by :func:`save_features`; ``kind`` (e.g. ``'IJBC'``) must match if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFilesError(f"{path}: features file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            content = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise EvalInputError(f"{path}: not a readable .npz features file ({exc})") from exc
+    lacking = [k for k in ("features", "norms", "names", "meta") if k not in content]
+    if lacking:
+        raise EvalInputError(f"{path}: not a features file of these scripts (lacks {', '.join(lacking)})")
+    try:
+        meta = json.loads(str(content.pop("meta")))
+    except ValueError as exc:
+        raise EvalInputError(f"{path}: unreadable 'meta' entry ({exc})") from exc
+    features, norms, names = content.pop("features"), content.pop("norms"), content.pop("names")
+    if features.ndim != 2 or norms.shape != (len(features), 1) or names.shape != (len(features),):
+        raise EvalInputError(f"{path}: inconsistent shapes: features {features.shape}, norms {norms.shape}, "
+                             f"names {names.shape}")
+    if kind is not None and meta.get("kind") != kind:
+        raise EvalInputError(f"{path}: holds {meta.get('kind')!r} features, not {kind!r}")
+    return FeatureSet(features, norms, [str(n) for n in names], meta, content)
+
+
+def select_by_names(feature_set: FeatureSet, names: Sequence[str], source: str) -> FeatureSet:
+    """The rows of ``feature_set`` for ``names`` in that order; one error lists names it lacks."""
+    names = [str(n) for n in names]
+    if feature_set.names == names:
+        return feature_set
+    row_of = {n: i for i, n in enumerate(feature_set.names)}
+    missing = [n for n in names if n not in row_of]
+    if missing:
+        raise EvalInputError(f"{source}: {len(missing)} of the {len(names)} images of the protocol have no "
+                             f"saved feature: {name_some(missing)}")
+    rows = np.array([row_of[n] for n in names], dtype=np.int64)
+    return FeatureSet(feature_set.features[rows], feature_set.norms[rows], names, feature_set.meta,
+                      feature_set.arrays)
+
+
+def embed_dataset(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int,
+                  use_flip: bool, fusion_method: str, desc: str = "embedding") -> Tuple[np.ndarray, np.ndarray]:
+    """Features and norms of every item of ``dataset`` (in order), with a progress bar."""
+    loader = make_loader(dataset, batch_size, num_workers, device)
+    return extract_features(model, loader, device=device, use_flip=use_flip, fusion_method=fusion_method,
+                            total=len(loader), desc=desc)
+
+
+def compute_or_load_features(args: argparse.Namespace, kind: str, names: Sequence[str],
+                             make_dataset: Callable[[], Dataset], spec: Optional[ModelSpec],
+                             output_dir: Optional[PathLike] = None, desc: str = "embedding") -> FeatureSet:
+    """Features of ``names`` from ``--features_path``, or embedded by the model of ``spec``.
+
+    ``make_dataset`` is only called when features are computed; ``--save_features`` then writes
+    them to ``<output_dir>/features.npz``.
+    """
+    if args.features_path:
+        saved = load_features(args.features_path, kind)
+        logger.info("features of %d images read from %s (model %s, fusion %s, flip %s)", len(saved.names),
+                    args.features_path, saved.meta.get("model"), saved.meta.get("fusion_method"),
+                    saved.meta.get("use_flip_test"))
+        return select_by_names(saved, names, str(args.features_path))
+    if spec is None:
+        raise EvalInputError("no model and no --features_path")
+    device = resolve_device(args.device)
+    model = load_model(spec, device)
+    features, norms = embed_dataset(model, make_dataset(), device, args.batch_size, args.num_workers,
+                                    args.use_flip_test, args.fusion_method, desc=desc)
+    # the fusion method is recorded as requested: the published scripts weight image features by
+    # their norms for 'pre_norm_vector_add' whether or not the flip was used
+    feature_set = FeatureSet(features, norms, [str(n) for n in names],
+                             {"kind": kind, "model": spec.label, "arch": spec.arch, "ckpt_path": str(spec.ckpt_path),
+                              "use_flip_test": bool(args.use_flip_test), "fusion_method": args.fusion_method})
+    if args.save_features:
+        if output_dir is None:
+            raise EvalInputError("--save_features needs an output folder")
+        save_features(Path(output_dir) / FEATURES_FILE, feature_set)
+    return feature_set
+
+
+def run_label(args: argparse.Namespace, spec: Optional[ModelSpec]) -> str:
+    """A name for the evaluated model (output folders, tables)."""
+    if spec is not None:
+        return spec.label
+    if getattr(args, "features_path", None):
+        try:
+            return str(load_features_meta(args.features_path).get("model") or Path(args.features_path).stem)
+        except (EvalInputError, MissingFilesError):
+            return Path(args.features_path).stem
+    return "model"
+
+
+def load_features_meta(path: PathLike) -> Dict[str, object]:
+    """Only the ``meta`` entry of a features file (cheap: the arrays are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFilesError(f"{path}: features file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise EvalInputError(f"{path}: not a features file of these scripts ({exc})") from exc
