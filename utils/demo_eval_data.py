@@ -43,6 +43,7 @@ import argparse
 import logging
 import math
 import shutil
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,4 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoEvalSet:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
