@@ -476,6 +476,9 @@ def compute_or_load_features(args: argparse.Namespace, kind: str, names: Sequenc
     them to ``<output_dir>/features.npz``.
     """
     if args.features_path:
+        if getattr(args, "model_name", None) or getattr(args, "ckpt_path", None):
+            logger.warning("--features_path given: the features are read from it; --model_name / --ckpt_path "
+                           "are ignored")
         saved = load_features(args.features_path, kind)
         logger.info("features of %d images read from %s (model %s, fusion %s, flip %s)", len(saved.names),
                     args.features_path, saved.meta.get("model"), saved.meta.get("fusion_method"),
