@@ -11,7 +11,8 @@ The values (logits, gradients, AdaFace's running statistics) are those of the pu
 (README "Margin heads"). The implementation differs from the published one only in how it gets
 there: the margin is applied to the B target logits alone (gather, transform, scatter) and the
 B x C cosine matrix is clamped, scaled and back-propagated in place by :class:`MarginLogits`,
-instead of building B x C one-hot matrices and running ``acos``/``cos`` over every class.
+instead of building B x C one-hot matrices and running ``acos``/``cos`` over every class, and
+the kernel's column normalisation is folded into the same function (no normalised E x C copy).
 
 Layout for later sharding of the class centres (Partial FC): a head is ``class centres`` (the
 ``kernel``) + ``cosine_matrix`` + a *margin rule* that only sees target cosines and feature norms.
@@ -60,63 +61,102 @@ def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.
     return labels
 
 
+def _target_transform(raw_target: torch.Tensor, angular: Optional[torch.Tensor],
+                      additive: torch.Tensor, eps: float):
+    """Margin on the target cosines (B, 1): returns ``(new target cosine, d new / d raw cosine)``.
+
+    ``cos(clip(acos(c) + angular, eps, pi - eps)) - additive`` of the clamped cosine ``c`` (or
+    ``c - additive`` without an angular margin); the derivative is zero where a clamp or clip bites.
+    """
+    low, high = -1.0 + eps, 1.0 - eps
+    passes = (raw_target >= low) & (raw_target <= high)
+    target = raw_target.clamp(low, high)
+    if angular is None:
+        return target - additive, passes.to(target.dtype)
+    shifted = target.acos() + angular
+    theta_m = shifted.clamp(eps, math.pi - eps)
+    # d cos(clip(acos(c) + g)) / dc = sin(theta_m) / sqrt(1 - c^2) where the clip lets it through
+    derivative = theta_m.sin() / (1.0 - target * target).sqrt()
+    derivative = derivative * ((shifted >= eps) & (shifted <= math.pi - eps)) * passes
+    return theta_m.cos() - additive, derivative
+
+
 class MarginLogits(torch.autograd.Function):
-    """In-place ``cosine (B x C) -> s * margin-adjusted cosine`` with a hand-written backward.
+    """``embeddings (B x E), kernel (E x C) -> s * margin-adjusted cosine (B x C)``, hand-differentiated.
 
-    Forward, on the cosine matrix itself (no B x C temporaries):
+    Forward, with ``n_j`` the L2 norm of kernel column ``j`` and one B x C buffer (the output):
 
-    1. remember each row's target cosine ``c_t`` before clamping;
-    2. clamp everything to ``[-1 + eps, 1 - eps]``;
-    3. target entries only: ``cos(clip(acos(c_t) + angular, eps, pi - eps)) - additive``
-       (``angular`` may be ``None`` for a purely additive margin);
-    4. multiply by ``s``.
+    1. ``s * cos = (embeddings @ kernel) * s / n`` (columns scaled in place; no normalised kernel copy);
+    2. remember each row's target cosine, then clamp everything to ``s * [-1 + eps, 1 - eps]``
+       (skipped when one min/max pass shows that nothing lies outside);
+    3. target entries only: ``s *`` :func:`_target_transform` (the angular and additive margins).
 
-    For the non-target entries the published heads compute ``cos(clip(acos(c)))``; after the clamp
-    that equals ``c`` (``acos(c)`` lies well inside ``[eps, pi - eps]``), so they stay as they are,
-    with derivative 1. Backward: the gradient is ``s * grad`` where the clamp let the cosine through,
-    zero where it clamped, and ``s * grad * d(target)/d(c_t)`` at the targets.
-
-    Only the output (which the loss needs anyway) and O(B) values are saved. Clamped non-target
-    entries are recognised in backward by their output value ``s * (+-(1 - eps))``.
+    For non-target entries the published heads compute ``cos(clip(acos(c)))``, which after the
+    clamp equals ``c`` (``acos(c)`` lies well inside ``[eps, pi - eps]``): they stay as they are,
+    with derivative 1. Backward: ``G = s * grad / n`` where the clamp let the cosine through (zero
+    where it clamped; clamped entries are recognised by their output value ``+-s(1 - eps)``) and
+    ``s * grad * d target / d c / n`` at the targets; then ``grad_embeddings = G @ kernel^T`` and
+    ``grad_kernel = embeddings^T @ G - kernel * (sum_b G * cos) / n`` (the derivative through the
+    column normalisation). Only the output and O(B + C) values are kept for backward.
     """
 
     @staticmethod
-    def forward(ctx, cosine: torch.Tensor, labels: torch.Tensor, angular: Optional[torch.Tensor],
-                additive: torch.Tensor, s: float, eps: float, angle_eps: float) -> torch.Tensor:
-        low, high = -1.0 + eps, 1.0 - eps
-        raw_target = cosine.gather(1, labels)
-        target_passes = (raw_target >= low) & (raw_target <= high)
-        target = raw_target.clamp(low, high)
-        cosine.clamp_(low, high)
-        if angular is not None:
-            theta = target.acos()
-            shifted = theta + angular
-            theta_m = shifted.clamp(angle_eps, math.pi - angle_eps)
-            new_target = theta_m.cos()
-            # d cos(clip(acos(c) + g)) / dc = sin(theta_m) / sqrt(1 - c^2) where the clip passes
-            derivative = theta_m.sin() / (1.0 - target * target).sqrt()
-            angle_passes = (shifted >= angle_eps) & (shifted <= math.pi - angle_eps)
-            derivative = derivative * angle_passes
-        else:
-            new_target = target
-            derivative = torch.ones_like(target)
-        new_target = new_target - additive
-        cosine.scatter_(1, labels, new_target)
-        cosine.mul_(s)
-        ctx.mark_dirty(cosine)
-        ctx.save_for_backward(cosine, labels, derivative * target_passes)
-        ctx.s, ctx.low, ctx.high = s, low * s, high * s
-        return cosine
+    def forward(ctx, embeddings: torch.Tensor, kernel: torch.Tensor, labels: torch.Tensor,
+                angular: Optional[torch.Tensor], additive: torch.Tensor, s: float,
+                eps: float) -> torch.Tensor:
+        inv_norm = column_norms(kernel).reciprocal_()
+        bound = (1.0 - eps) * s
+        logits = torch.mm(embeddings, kernel)
+        logits.mul_(inv_norm * s)                                  # s * cos, one pass
+        raw_target = logits.gather(1, labels).div_(s)
+        low, high = torch.aminmax(logits)
+        clamped = bool(low < -bound) or bool(high > bound)         # rare: skip the clamp otherwise
+        if clamped:
+            logits.clamp_(-bound, bound)
+        new_target, derivative = _target_transform(raw_target, angular, additive, eps)
+        target_cos = raw_target.clamp(-1.0 + eps, 1.0 - eps)
+        logits.scatter_(1, labels, new_target * s)
+        ctx.save_for_backward(embeddings, kernel, labels, inv_norm, logits, derivative, target_cos)
+        ctx.s, ctx.bound, ctx.clamped = s, bound, clamped
+        return logits
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        logits, labels, target_derivative = ctx.saved_tensors
+        embeddings, kernel, labels, inv_norm, logits, derivative, target_cos = ctx.saved_tensors
         s = ctx.s
-        grad_target = grad_output.gather(1, labels) * (target_derivative * s)
-        grad = grad_output * s
-        grad.masked_fill_((logits <= ctx.low) | (logits >= ctx.high), 0.0)
+        scale = inv_norm * s                                       # (C,)
+        grad_target = grad_output.gather(1, labels) * derivative * scale[labels]
+        grad = grad_output * scale                                 # G, the one new B x C buffer
+        if ctx.clamped:
+            grad.masked_fill_((logits <= -ctx.bound) | (logits >= ctx.bound), 0.0)
         grad.scatter_(1, labels, grad_target)
-        return grad, None, None, None, None, None, None
+        grad_embeddings = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            grad_embeddings = torch.mm(grad, kernel.t())
+        if ctx.needs_input_grad[1]:
+            # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
+            col = torch.zeros_like(inv_norm)
+            for start in range(0, grad.shape[0], 64):          # row blocks keep the product small
+                col += (grad[start:start + 64] * logits[start:start + 64]).sum(0)
+            col /= s
+            target_logits = logits.gather(1, labels)
+            col.index_add_(0, labels.reshape(-1), (grad_target * (target_cos - target_logits / s)).reshape(-1))
+            grad_kernel = torch.mm(embeddings.t(), grad)
+            grad_kernel.addcmul_(kernel, (col * inv_norm).unsqueeze(0), value=-1.0)
+        return grad_embeddings, grad_kernel, None, None, None, None, None
+
+
+def column_norms(matrix: torch.Tensor, rows_per_block: int = 32) -> torch.Tensor:
+    """L2 norm of every column of ``matrix`` (E x C), summing squares over blocks of rows.
+
+    Several times faster on CPUs than ``torch.norm(matrix, 2, 0)`` for a wide E x C kernel, and
+    without an E x C temporary.
+    """
+    squares = torch.zeros(matrix.shape[1], dtype=matrix.dtype, device=matrix.device)
+    for start in range(0, matrix.shape[0], rows_per_block):
+        block = matrix[start:start + rows_per_block]
+        squares += (block * block).sum(0)
+    return squares.sqrt_()
 
 
 class MarginHead(nn.Module):
@@ -159,9 +199,8 @@ class MarginHead(nn.Module):
             if norms is not None:
                 norms = norms.float()
             angular, additive = self.target_margins(norms, batch_size)
-            cosine = self.cosine_matrix(embeddings)
-            return MarginLogits.apply(cosine, labels, angular, additive, float(self.s),
-                                      self.eps, self.eps)
+            return MarginLogits.apply(embeddings, self.kernel, labels, angular, additive,
+                                      float(self.s), self.eps)
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, classnum={self.classnum}, m={self.m}, s={self.s}"

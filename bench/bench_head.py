@@ -3,7 +3,8 @@
 The dense reference (tests/reference_heads.py) restates the published formulas with B x C one-hot
 matrices and acos/cos over every logit. Runs alternate (ours, dense, ours, dense, ...) so that both
 see the same machine load; the speed-up is the median of the per-pair ratios. Peak memory is the
-growth of the resident set size during one forward + backward, each measured in a fresh process.
+growth of the peak resident set size during one forward + backward (after the inputs and the
+head exist), each measured in a fresh process started before the timing runs.
 
     python bench/bench_head.py                      # B=256, C=70,722, E=512, float32, CPU
     python bench/bench_head.py --repeats 3 --classes 10000
@@ -109,12 +110,15 @@ def main() -> None:
     torch.manual_seed(0)
     table = PrettyTable(["head", "ours fwd+bwd (s)", "dense fwd+bwd (s)", "speed-up (median ratio)",
                          "ours peak (MiB)", "dense peak (MiB)"])
-    for head_type in args.heads.split(","):
+    heads = args.heads.split(",")
+    # memory first: a child process inherits the parent's peak RSS, so the parent must still be small
+    memory = {(h, v): peak_memory(h, v, args.batch, args.classes, args.dim)
+              for h in heads for v in ("ours", "dense")}
+    for head_type in heads:
         ours, dense = make_steps(head_type, args.batch, args.classes, args.dim)
         t_ours, t_dense, ratio = time_pairs(ours, dense, args.repeats)
         del ours, dense
-        mem_ours = peak_memory(head_type, "ours", args.batch, args.classes, args.dim)
-        mem_dense = peak_memory(head_type, "dense", args.batch, args.classes, args.dim)
+        mem_ours, mem_dense = memory[(head_type, "ours")], memory[(head_type, "dense")]
         table.add_row([head_type, f"{t_ours:.3f}", f"{t_dense:.3f}", f"{ratio:.2f}x",
                        f"{mem_ours:.0f}", f"{mem_dense:.0f}"])
     print(f"B={args.batch} C={args.classes} E={args.dim} float32 CPU, threads={torch.get_num_threads()}, "
