@@ -32,6 +32,10 @@ def build_loggers(args) -> List:
     except ImportError:
         pass
     if args.use_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("--use_wandb needs the wandb package: pip install wandb")
         from pytorch_lightning.loggers import WandbLogger
         loggers.append(WandbLogger(save_dir=args.output_dir, name=os.path.basename(args.output_dir),
                                    project="adaface_face_recognition"))

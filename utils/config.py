@@ -137,6 +137,8 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.precision = resolve_precision(args)
     if args.use_16bit and args.precision != "16-mixed":
         raise SystemExit("--use_16bit contradicts --precision " + args.precision)
+    if args.evaluate and not args.start_from_model_statedict:
+        raise SystemExit("--evaluate needs the checkpoint to evaluate: --start_from_model_statedict X.ckpt")
     if args.resume_from_checkpoint:
         if not args.resume_from_checkpoint.endswith(".ckpt"):
             raise SystemExit(f"--resume_from_checkpoint expects a .ckpt file, got "
