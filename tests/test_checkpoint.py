@@ -12,6 +12,7 @@ import torch
 from net import build_model
 from utils.checkpoint import (
     CheckpointError,
+    architecture_of,
     extract_backbone_state_dict,
     guess_architecture,
     load_backbone_weights,
@@ -129,6 +130,20 @@ def test_guess_architecture(trained_ir18):
     assert guess_architecture(missing_one) is None
     assert guess_architecture({'foo': torch.zeros(1)}) is None
     assert guess_architecture(build_model('ir_se_50').state_dict()) == 'ir_se_50'
+
+
+def test_architecture_of_reads_training_arguments_then_keys(trained_ir18, tmp_path):
+    backbone = {f'model.{k}': v for k, v in trained_ir18.state_dict().items()}
+    assert architecture_of({'state_dict': backbone, 'hyper_parameters': published_hparams()}) == 'ir_18'
+    assert architecture_of({'state_dict': {}, 'hyper_parameters': {'arch': 'ir_tiny'}}) == 'ir_tiny'
+    assert architecture_of({'state_dict': backbone, 'hyper_parameters': {'lr': 0.1}}) == 'ir_18'  # keys
+    with pytest.raises(CheckpointError, match=r'tiny\.ckpt: cannot tell .*pass --arch'):
+        architecture_of({'state_dict': {'model.x': torch.zeros(1)}}, 'tiny.ckpt')
+    # load_pretrained_backbone without an architecture reads the file once and recognises it
+    path = save_lightning_style_checkpoint(tmp_path / 'bare.ckpt', trained_ir18)
+    model = load_pretrained_backbone(None, path)
+    assert model.arch == 'ir_18' and not model.training
+    assert torch.equal(model.output_layer[3].weight, trained_ir18.output_layer[3].weight)
 
 
 def _error(model, checkpoint, **kwargs) -> str:

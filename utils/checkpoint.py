@@ -234,12 +234,31 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping]
     logger.warning("%s (strict=False: loaded the %d matching tensors)", message, len(usable))
 
 
-def load_pretrained_backbone(arch: str, ckpt_path: PathLike,
+def architecture_of(checkpoint: Mapping, source: str = '<dict>') -> str:
+    """The backbone architecture of a loaded checkpoint: its training arguments'
+    ``hyper_parameters.arch``, else the architecture whose keys and shapes it holds
+    (:func:`guess_architecture`). Raises ``CheckpointError`` (asking for ``--arch``) when neither
+    tells."""
+    hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, Mapping) else None
+    arch = hparams.get('arch') if isinstance(hparams, Mapping) else getattr(hparams, 'arch', None)
+    if isinstance(arch, str) and arch:
+        return arch
+    guessed = guess_architecture(checkpoint)
+    if guessed is None:
+        raise CheckpointError(f"{source}: cannot tell the backbone architecture (no "
+                              f"hyper_parameters.arch, and its keys fit none of "
+                              f"{', '.join(ARCHITECTURES)}); pass --arch")
+    logger.info("%s: recognised an %s checkpoint", source, guessed)
+    return guessed
+
+
+def load_pretrained_backbone(arch: Optional[str], ckpt_path: PathLike,
                              device: Union[str, torch.device] = 'cpu') -> nn.Module:
-    """Build ``arch`` (a name in ``net.ARCHITECTURES``), load ``ckpt_path`` strictly, move it to
-    ``device`` and return it in eval mode."""
-    model = build_model(arch)
-    load_backbone_weights(model, ckpt_path, strict=True)
+    """Build ``arch`` (a name in ``net.ARCHITECTURES``; ``None``: :func:`architecture_of` the
+    checkpoint), load ``ckpt_path`` strictly, move it to ``device`` and return it in eval mode."""
+    checkpoint = read_checkpoint(ckpt_path)
+    model = build_model(arch or architecture_of(checkpoint, str(ckpt_path)))
+    load_backbone_weights(model, checkpoint, strict=True, source=str(ckpt_path))
     return model.to(device).eval()
 
 
