@@ -39,98 +39,27 @@ from tqdm import tqdm
 from face_alignment.align import IMAGE_EXTENSIONS, detect_faces, get_detector, list_images
 from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
-from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG, build_model
-from utils.checkpoint import (CheckpointError, guess_architecture, load_backbone_weights,
-                              load_pretrained_backbone, read_checkpoint)
+from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
+from utils.checkpoint import CheckpointError, load_pretrained_backbone
+from utils.device import resolve_device
 from utils.features import embed_batch
 from utils.fusion import FUSION_METHODS
 from utils.image import ImageDecodeError, load_image_file
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
+from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
+                              default_checkpoint_paths, find_pretrained_checkpoint)
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent
-PRETRAINED_DIR = REPO_ROOT / "pretrained"
-PRETRAINED_MODELS_URL = "https://github.com/mk-minchul/AdaFace#pretrained-models"
-
-# The default checkpoint of each architecture (file names of the published AdaFace code: its
-# inference.py loads the ir_50 file, its Cog predictor the three below). Relative to the repository.
-adaface_models: Dict[str, str] = {
-    'ir_18': "pretrained/adaface_ir18_vgg2.ckpt",
-    'ir_50': "pretrained/adaface_ir50_ms1mv2.ckpt",
-    'ir_101': "pretrained/adaface_ir101_webface12m.ckpt",
-}
-
-# Every published checkpoint (the "Pretrained Models" table of the AdaFace README): file name ->
-# (architecture, training set). When an architecture's default file is absent, any other file of
-# the same architecture found in pretrained/ is used.
-PUBLISHED_CHECKPOINTS: Dict[str, Tuple[str, str]] = {
-    "adaface_ir18_casia.ckpt": ("ir_18", "CASIA-WebFace"),
-    "adaface_ir18_vgg2.ckpt": ("ir_18", "VGGFace2"),
-    "adaface_ir18_webface4m.ckpt": ("ir_18", "WebFace4M"),
-    "adaface_ir50_casia.ckpt": ("ir_50", "CASIA-WebFace"),
-    "adaface_ir50_webface4m.ckpt": ("ir_50", "WebFace4M"),
-    "adaface_ir50_ms1mv2.ckpt": ("ir_50", "MS1MV2"),
-    "adaface_ir101_ms1mv2.ckpt": ("ir_101", "MS1MV2"),
-    "adaface_ir101_ms1mv3.ckpt": ("ir_101", "MS1MV3"),
-    "adaface_ir101_webface4m.ckpt": ("ir_101", "WebFace4M"),
-    "adaface_ir101_webface12m.ckpt": ("ir_101", "WebFace12M"),
-}
-
-# How the README's table names the architectures.
-_README_ARCH = {'ir_18': 'R18', 'ir_50': 'R50', 'ir_101': 'R100'}
+# The default checkpoint of each architecture, relative to the repository (the published name
+# of this table; utils.pretrained holds every published file).
+adaface_models: Dict[str, str] = default_checkpoint_paths()
 
 DEFAULT_FUSION = "none"  # the published inference.py embeds each face once, without its mirror
 EMBED_BATCH_SIZE = 32
 
 
-class MissingCheckpointError(CheckpointError):
-    """No published checkpoint for the requested architecture in the pretrained folder."""
-
-
 # -- loading the model ----------------------------------------------------------------------
-
-def _download_hint(architecture: str, folder: Path) -> str:
-    default = Path(adaface_models[architecture]).name
-    arch, data = PUBLISHED_CHECKPOINTS[default]
-    others = [name for name, (a, _) in PUBLISHED_CHECKPOINTS.items() if a == arch and name != default]
-    return (f"No AdaFace checkpoint for {architecture} in {folder}/.\n"
-            f"Download '{default}' (the {_README_ARCH[arch]} / {data} row of the 'Pretrained "
-            f"Models' table in the AdaFace project's README links it: {PRETRAINED_MODELS_URL}) "
-            f"and save it as {folder / default}.\n"
-            f"Any other published {architecture} checkpoint works too under its published name "
-            f"({', '.join(others)}), or pass a checkpoint file with --ckpt_path FILE.")
-
-
-def find_pretrained_checkpoint(architecture: str = 'ir_50',
-                               pretrained_dir: Union[str, Path, None] = None) -> Path:
-    """The published checkpoint file for ``architecture`` in ``pretrained_dir`` (default
-    ``pretrained/`` of the repository): its default file (``adaface_models``) if present, else the
-    first other published file of that architecture. Raises ``MissingCheckpointError`` saying which
-    file to download and where to put it."""
-    if architecture not in adaface_models:
-        raise ValueError(f"no published AdaFace checkpoint for {architecture!r}; published "
-                         f"architectures: {', '.join(adaface_models)} (for any other checkpoint "
-                         f"pass ckpt_path / --ckpt_path)")
-    folder = Path(pretrained_dir) if pretrained_dir is not None else PRETRAINED_DIR
-    default = Path(adaface_models[architecture]).name
-    candidates = [default] + [name for name, (arch, _) in PUBLISHED_CHECKPOINTS.items()
-                              if arch == architecture and name != default]
-    for name in candidates:
-        if (folder / name).is_file():
-            if name != default:
-                logger.info("%s is absent; using %s", folder / default, folder / name)
-            return folder / name
-    raise MissingCheckpointError(_download_hint(architecture, folder))
-
-
-def _check_device(device: Union[str, torch.device]) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but this PyTorch sees no CUDA GPU "
-                         f"(torch {torch.__version__}); use --device cpu")
-    return device
-
 
 def load_pretrained_model(architecture: Optional[str] = None,
                           ckpt_path: Union[str, Path, None] = None,
@@ -139,27 +68,18 @@ def load_pretrained_model(architecture: Optional[str] = None,
     """The AdaFace backbone with its trained weights, in eval mode on ``device``.
 
     Without ``ckpt_path`` the published checkpoint of ``architecture`` (default ``ir_50``) is
-    taken from ``pretrained/`` (see :func:`find_pretrained_checkpoint`). With ``ckpt_path`` any
-    checkpoint that ``utils.checkpoint`` reads is loaded; its architecture is recognised from its
-    keys when ``architecture`` is None. Raises ``CheckpointError`` (``MissingCheckpointError``)
-    with the file named when a checkpoint is missing or does not fit.
+    taken from ``pretrained/`` (see :func:`utils.pretrained.find_pretrained_checkpoint`). With
+    ``ckpt_path`` any checkpoint that ``utils.checkpoint`` reads is loaded; when
+    ``architecture`` is None it is read from the checkpoint (its training arguments, else its
+    keys). Raises ``CheckpointError`` (:class:`utils.pretrained.MissingCheckpointError` saying
+    what to download and where to put it) with the file named when a checkpoint is missing or
+    does not fit; ``ValueError`` for an unknown architecture or an unusable device.
     """
-    device = _check_device(device)
+    device = resolve_device(device)
     if ckpt_path is None:
-        architecture = architecture or 'ir_50'
+        architecture = architecture or DEFAULT_ARCH
         ckpt_path = find_pretrained_checkpoint(architecture, pretrained_dir)
-        return load_pretrained_backbone(architecture, ckpt_path, device)
-    if architecture is not None:
-        return load_pretrained_backbone(architecture, ckpt_path, device)
-    checkpoint = read_checkpoint(ckpt_path)
-    architecture = guess_architecture(checkpoint)
-    if architecture is None:
-        raise CheckpointError(f"{ckpt_path}: its keys fit none of the architectures "
-                              f"{', '.join(ARCHITECTURES)}; name the architecture (--arch)")
-    logger.info("%s: recognised an %s checkpoint", ckpt_path, architecture)
-    model = build_model(architecture)
-    load_backbone_weights(model, checkpoint, strict=True, source=str(ckpt_path))
-    return model.to(device).eval()
+    return load_pretrained_backbone(architecture, ckpt_path, device)
 
 
 # -- aligning, embedding, comparing ---------------------------------------------------------

@@ -7,34 +7,12 @@ import torch
 
 from face_alignment.similarity import REFERENCE_POINTS_112
 from net import build_model
-from utils.checkpoint import save_lightning_style_checkpoint
+from utils.checkpoint import CheckpointError, save_lightning_style_checkpoint
 from utils.eval_common import (EvalInputError, FeatureSet, ImageListDataset, MissingFilesError, ModelSpec,
-                               PUBLISHED_MODELS, add_model_arguments, canonical_model_name, check_files_exist,
-                               file_safe, load_features, load_model, model_specs_from_args,
-                               published_checkpoint, resolve_device, run_cli, save_features, select_by_names,
-                               str2bool)
+                               add_model_arguments, check_files_exist, file_safe, load_features, load_model,
+                               model_specs_from_args, run_cli, save_features, select_by_names, str2bool)
+from utils.pretrained import MissingCheckpointError
 from utils.image import encode_png, rgb_to_tensor
-
-
-def test_published_names_and_their_spellings():
-    assert canonical_model_name("ir101_webface12m") == "ir101_webface12m"
-    assert canonical_model_name("ir_101_webface12m") == "ir101_webface12m"
-    assert canonical_model_name("IR_50_MS1MV2") == "ir50_ms1mv2"
-    assert canonical_model_name("ir50") == "ir50_ms1mv2"              # the low-quality scripts' short name
-    assert PUBLISHED_MODELS["ir18_vgg2"][:2] == ("adaface_ir18_vgg2.ckpt", "ir_18")
-    with pytest.raises(EvalInputError, match="published models: ir18_casia"):
-        canonical_model_name("ir50_glint")
-
-
-def test_missing_published_checkpoint_says_what_to_download_and_where(tmp_path):
-    with pytest.raises(MissingFilesError) as info:
-        published_checkpoint("ir_101_webface12m", tmp_path)
-    message = str(info.value)
-    assert "adaface_ir101_webface12m.ckpt" in message and str(tmp_path / "adaface_ir101_webface12m.ckpt") in message
-    assert "WebFace12M" in message and "IR-101" in message
-    (tmp_path / "adaface_ir101_webface12m.ckpt").write_bytes(b"")
-    assert published_checkpoint("ir101_webface12m", tmp_path) == (tmp_path / "adaface_ir101_webface12m.ckpt",
-                                                                   "ir_101")
 
 
 def _parse(argv, multiple=False):
@@ -54,6 +32,13 @@ def test_model_specs_from_the_command_line(tmp_path):
     twice = model_specs_from_args(_parse(["--ckpt_path", str(a), str(a)], multiple=True))
     assert twice[0].label != twice[1].label and twice[0].arch is None
     assert file_safe(specs[0].label).count("/") == 0
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    (pretrained / "adaface_ir50_ms1mv2.ckpt").write_bytes(b"")
+    named = model_specs_from_args(_parse(["--model_name", "ir50", "--pretrained_dir", str(pretrained)]))
+    assert named == [ModelSpec("ir50_ms1mv2", pretrained / "adaface_ir50_ms1mv2.ckpt", "ir_50")]
+    with pytest.raises(MissingCheckpointError, match="save it as .*adaface_ir101_webface12m.ckpt"):
+        model_specs_from_args(_parse(["--model_name", "ir_101_webface12m", "--pretrained_dir", str(pretrained)]))
     with pytest.raises(EvalInputError, match="not both"):
         model_specs_from_args(_parse(["--model_name", "ir50", "--ckpt_path", str(a)]))
     with pytest.raises(EvalInputError, match="--features_path"):
@@ -76,18 +61,11 @@ def test_load_model_reads_the_architecture_from_the_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], reference(x)[0])
     bare = save_lightning_style_checkpoint(tmp_path / "bare.ckpt", reference)
-    with pytest.raises(EvalInputError, match="pass --arch"):
+    with pytest.raises(CheckpointError, match="pass --arch"):
         load_model(ModelSpec("bare", bare), "cpu")
 
 
-def test_devices():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(EvalInputError, match="CUDA is not available"):
-            resolve_device("cuda")
-    with pytest.raises(EvalInputError, match="not a device|use cpu"):
-        resolve_device("tpu7")
+def test_str2bool():
     assert str2bool("True") and str2bool("1") and not str2bool("false")
     with pytest.raises(argparse.ArgumentTypeError):
         str2bool("maybe")

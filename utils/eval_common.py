@@ -6,11 +6,11 @@ protocol, checks that every input exists, obtains image features (from a checkpo
 saved by an earlier run) and hands them to the metric library (``utils.evaluate_utils``,
 ``utils.ijb``, ``utils.identification``). This module holds the parts they have in common:
 
-* **models**: ``--model_name`` takes the published names (``ir101_webface12m``, ``ir50_ms1mv2``, ...;
-  ``ir_101_webface12m`` is accepted too), mapped to the files of ``pretrained/``; ``--ckpt_path``
+* **models**: ``--model_name`` takes the published names of :mod:`utils.pretrained`
+  (``ir101_webface12m``, ``ir50_ms1mv2``, ...; ``ir_101_webface12m`` is accepted too); ``--ckpt_path``
   (+ ``--arch``, else read from the checkpoint's ``hyper_parameters`` or recognised from its keys)
   takes any checkpoint that :mod:`utils.checkpoint` reads;
-* **device**: ``--device cpu|cuda|cuda:N|auto``;
+* **device**: ``--device cpu|cuda|cuda:N|auto`` (:func:`utils.device.resolve_device`);
 * **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
   their count, so a broken data folder is reported before any feature is computed;
 * **images**: :class:`ImageListDataset` decodes (and, given 5 landmarks, aligns with
@@ -31,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,37 +39,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from face_alignment.similarity import align_face
-from net import build_model
-from utils.checkpoint import CheckpointError, guess_architecture, load_backbone_weights, read_checkpoint
+from utils.checkpoint import CheckpointError, load_pretrained_backbone
+from utils.device import resolve_device
 from utils.features import extract_features
 from utils.fusion import FUSION_METHODS
 from utils.image import ImageDecodeError, check_input_size, load_image_file, rgb_to_tensor
+from utils.pretrained import PRETRAINED_DIR, PUBLISHED_MODELS, canonical_model_name, published_checkpoint
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRETRAINED_DIR = REPO_ROOT / "pretrained"
 FEATURES_FILE = "features.npz"
 FEATURES_FORMAT_VERSION = 1
 SHOW_AT_MOST = 5
-
-#: The published AdaFace checkpoints: name -> (file in pretrained/, architecture, training data).
-PUBLISHED_MODELS: Dict[str, Tuple[str, str, str]] = {
-    "ir18_casia": ("adaface_ir18_casia.ckpt", "ir_18", "CASIA-WebFace"),
-    "ir18_vgg2": ("adaface_ir18_vgg2.ckpt", "ir_18", "VGGFace2"),
-    "ir18_webface4m": ("adaface_ir18_webface4m.ckpt", "ir_18", "WebFace4M"),
-    "ir50_casia": ("adaface_ir50_casia.ckpt", "ir_50", "CASIA-WebFace"),
-    "ir50_ms1mv2": ("adaface_ir50_ms1mv2.ckpt", "ir_50", "MS1MV2"),
-    "ir50_webface4m": ("adaface_ir50_webface4m.ckpt", "ir_50", "WebFace4M"),
-    "ir101_ms1mv2": ("adaface_ir101_ms1mv2.ckpt", "ir_101", "MS1MV2"),
-    "ir101_ms1mv3": ("adaface_ir101_ms1mv3.ckpt", "ir_101", "MS1MV3"),
-    "ir101_webface4m": ("adaface_ir101_webface4m.ckpt", "ir_101", "WebFace4M"),
-    "ir101_webface12m": ("adaface_ir101_webface12m.ckpt", "ir_101", "WebFace12M"),
-}
-#: Short names of the published low-quality scripts (``ir50`` is the MS1MV2 IR-50 there).
-MODEL_ALIASES: Dict[str, str] = {"ir50": "ir50_ms1mv2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,34 +113,6 @@ def check_paths_exist(paths: Iterable[PathLike], what: str = "files") -> None:
 # ----------------------------------------------------------------------------------------------
 # models
 # ----------------------------------------------------------------------------------------------
-def canonical_model_name(name: str) -> str:
-    """The published model name for ``name`` (``ir_101_webface12m`` -> ``ir101_webface12m``)."""
-    key = re.sub(r"^ir_(\d+)", r"ir\1", str(name).strip().lower())
-    key = MODEL_ALIASES.get(key, key)
-    if key not in PUBLISHED_MODELS:
-        raise EvalInputError(f"unknown --model_name {name!r}; published models: "
-                             f"{', '.join(PUBLISHED_MODELS)} (or pass --ckpt_path and --arch)")
-    return key
-
-
-def published_checkpoint(name: str, pretrained_dir: PathLike = PRETRAINED_DIR) -> Tuple[Path, str]:
-    """``(checkpoint path, architecture)`` of a published model; the file must exist.
-
-    A missing file raises :class:`MissingFilesError` saying which published file to download and
-    exactly where to put it.
-    """
-    key = canonical_model_name(name)
-    file_name, arch, data = PUBLISHED_MODELS[key]
-    path = Path(pretrained_dir) / file_name
-    if not path.is_file():
-        raise MissingFilesError(
-            f"{path.resolve()} not found: --model_name {key} needs the published AdaFace checkpoint "
-            f"'{file_name}' ({arch.upper().replace('_', '-')} trained on {data}). Download it from the "
-            f"pretrained-model table of the AdaFace README (github.com/mk-minchul/AdaFace) and save it as "
-            f"{path.resolve()} (or pass --pretrained_dir, or --ckpt_path with --arch)")
-    return path, arch
-
-
 @dataclass
 class ModelSpec:
     """Which backbone to evaluate: a label for tables and file names, the file and its architecture."""
@@ -229,28 +184,13 @@ def file_safe(label: str) -> str:
     return safe or "model"
 
 
-def infer_arch(checkpoint: Mapping, source: str) -> str:
-    """The architecture of a loaded checkpoint: ``hyper_parameters.arch``, else from its keys."""
-    hparams = checkpoint.get("hyper_parameters")
-    arch = getattr(hparams, "arch", None) if not isinstance(hparams, Mapping) else hparams.get("arch")
-    if isinstance(arch, str) and arch:
-        return arch
-    guessed = guess_architecture(checkpoint)
-    if guessed is None:
-        raise EvalInputError(f"{source}: cannot tell the backbone architecture (no hyper_parameters.arch "
-                             f"and the keys match no published architecture); pass --arch")
-    return guessed
-
-
 def load_model(spec: ModelSpec, device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Build the backbone of ``spec``, load its weights strictly and return it on ``device``, in eval mode."""
-    checkpoint = read_checkpoint(spec.ckpt_path)
-    arch = spec.arch or infer_arch(checkpoint, str(spec.ckpt_path))
-    spec.arch = arch
-    model = build_model(arch)
-    load_backbone_weights(model, checkpoint, strict=True, source=str(spec.ckpt_path))
-    logger.info("loaded %s (%s) from %s", spec.label, arch, spec.ckpt_path)
-    return model.to(device).eval()
+    """The backbone of ``spec`` with its weights loaded strictly, on ``device``, in eval mode; a
+    missing ``spec.arch`` is filled in from the checkpoint (its training arguments, else its keys)."""
+    model = load_pretrained_backbone(spec.arch, spec.ckpt_path, device)
+    spec.arch = model.arch
+    logger.info("loaded %s (%s) from %s", spec.label, spec.arch, spec.ckpt_path)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,25 +199,6 @@ def load_model(spec: ModelSpec, device: Union[str, torch.device] = "cpu") -> nn.
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N or auto (cuda when available; default: %(default)s)")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; a CUDA device that is not there is an error."""
-    name = str(name).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise EvalInputError(f"--device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvalInputError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EvalInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise EvalInputError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
-    return device
 
 
 def str2bool(value: Union[str, bool]) -> bool:

@@ -34,9 +34,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from data import ValidationPairDataset, ensure_pair_memfiles  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
 from utils.eval_common import (EvalInputError, FeatureSet, add_device_argument, add_fusion_arguments,  # noqa: E402
                                add_loader_arguments, add_model_arguments, embed_dataset, file_safe, load_features,
-                               load_model, model_specs_from_args, resolve_device, run_cli, save_features)
+                               load_model, model_specs_from_args, run_cli, save_features)
 from utils.evaluate_utils import evaluate_pair_set  # noqa: E402
 from utils.pairsets import VAL_SET_NAMES  # noqa: E402
 from utils.report import PAPER_COLUMNS, format_results_table, results_row  # noqa: E402
