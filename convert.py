@@ -28,8 +28,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 from prettytable import PrettyTable
 from tqdm import tqdm
 
-from utils.image import (ImageDecodeError, check_input_size, decode_image_bytes, encode_jpeg,
-                         swap_red_blue)
+from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
+                         encode_jpeg, is_image_file, swap_red_blue)
 from utils.pairsets import PairSetError, bin_to_memfile, memfile_matches
 from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_pack_image_keys,
                             image_label, load_face_pack_index, read_face_record, rebuild_index,
@@ -37,7 +37,6 @@ from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_
 
 logger = logging.getLogger("convert")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SWAPPED_JPEG_QUALITY = 100
 CHUNK = 256
 INFO_NAME = ".convert_info.json"
@@ -227,8 +226,7 @@ def list_image_folder(image_folder: Path) -> tuple[list[str], list[tuple[int, Pa
     identities: list[str] = []
     for name in names:
         files = _sorted_names([p for p in (image_folder / name).iterdir()
-                               if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                               and not p.name.startswith(".")], key=lambda p: p.stem)
+                               if is_image_file(p) and p.is_file()], key=lambda p: p.stem)
         if not files:
             logger.warning("%s: no images, identity skipped", image_folder / name)
             continue

@@ -34,8 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import Augmenter
-from utils.image import (ImageDecodeError, check_input_size, decode_image_bytes, load_image_file,
-                         rgb_to_tensor, swap_red_blue)
+from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
+                         is_image_file, load_image_file, rgb_to_tensor, swap_red_blue)
 from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, memfile_exists, open_memfile
 from utils.recordio import (RecordIOError, RecordReader, load_face_pack_index,
                             read_face_record)
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGE_FOLDER_NAME = "imgs"
 REC_FILE_NAME = "train.rec"
 MIN_IMAGES_PER_IDENTITY = 5          # identities with fewer images are dropped by the subset
@@ -187,7 +186,7 @@ def scan_image_folder(root: PathLike) -> Tuple[List[str], np.ndarray, np.ndarray
                 if fname.startswith("."):
                     continue
                 rel = os.path.join(rel_dir, fname)
-                if fname.lower().endswith(IMG_EXTENSIONS):
+                if is_image_file(fname):
                     rel_paths.append(rel)
                     labels.append(label)
                     found += 1
@@ -202,7 +201,7 @@ def scan_image_folder(root: PathLike) -> Tuple[List[str], np.ndarray, np.ndarray
                         + (" ..." if len(empty) > 10 else ""))
     if foreign:
         problems.append(f"{len(foreign)} file(s) that are not images (extensions "
-                        f"{', '.join(IMG_EXTENSIONS)}): "
+                        f"{', '.join(IMAGE_EXTENSIONS)}): "
                         + ", ".join(str(root / f) for f in foreign[:10])
                         + (" ..." if len(foreign) > 10 else ""))
     if problems:

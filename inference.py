@@ -36,7 +36,7 @@ from prettytable import PrettyTable
 from torch import nn
 from tqdm import tqdm
 
-from face_alignment.align import IMAGE_EXTENSIONS, detect_faces, get_detector, list_images
+from face_alignment.align import detect_faces, get_detector
 from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
 from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
@@ -44,7 +44,7 @@ from utils.checkpoint import CheckpointError, load_pretrained_backbone
 from utils.device import resolve_device
 from utils.features import embed_batch
 from utils.fusion import FUSION_METHODS
-from utils.image import ImageDecodeError, load_image_file
+from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_image_file
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
 from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
                               default_checkpoint_paths, find_pretrained_checkpoint)

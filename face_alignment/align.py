@@ -27,11 +27,9 @@ from tqdm import tqdm
 from face_alignment.mtcnn import MTCNN, to_rgb_array
 from face_alignment.nets import find_weights_dir
 from face_alignment.similarity import align_face
-from utils.image import ImageDecodeError, encode_jpeg, encode_png, load_image_file
+from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, encode_jpeg, encode_png, list_images, load_image_file
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 _DETECTORS: Dict[Tuple[str, str], MTCNN] = {}
 
@@ -132,16 +130,6 @@ class AlignSummary:
         table.add_row([self.total, self.found, len(self.no_face), len(self.unreadable),
                        self.skipped_existing])
         return table
-
-
-def list_images(src_dir: Union[str, Path],
-                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Path]:
-    """Image files under ``src_dir`` (recursive, sorted), chosen by extension (case-insensitive)."""
-    src = Path(src_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(f"source folder not found: {src}")
-    exts = {e.lower() for e in extensions}
-    return sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in exts)
 
 
 def aligned_path(src_file: Path, src_dir: Path, dst_dir: Path) -> Path:

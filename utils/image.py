@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 import cv2
 import numpy as np
@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 INPUT_SIZE = 112
 MEAN = 0.5
 STD = 0.5
+
+#: File endings read as images: those of torchvision's ``ImageFolder``, so that a training folder
+#: lists the same samples as the published code.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class ImageDecodeError(ValueError):
@@ -45,6 +49,22 @@ def decode_image_bytes(data: bytes, source: str = "<bytes>") -> np.ndarray:
         raise ImageDecodeError(f"{source}: not a decodable image ({len(data)} bytes, "
                                f"starts with {bytes(data[:4])!r})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def is_image_file(name: Union[str, Path]) -> bool:
+    """Whether a file name has an image ending (any case) and is not hidden (``.``-prefixed, such
+    as the ``._x.jpg`` files that macOS leaves beside copies)."""
+    name = Path(name).name
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: Union[str, Path]) -> List[Path]:
+    """The image files below ``folder`` (recursive), sorted by path (part by part, as pathlib
+    compares paths); raises ``FileNotFoundError`` naming the folder when it is absent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file())
 
 
 def load_image_file(path: Union[str, Path]) -> np.ndarray:

@@ -57,6 +57,7 @@ from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesErr
                                run_cli, run_label)
 from utils.identification import DIR_FAR  # noqa: E402
 from utils.ijb import image2template_feature  # noqa: E402
+from utils.image import is_image_file  # noqa: E402
 
 logger = logging.getLogger("validate_IJB_S")
 
@@ -196,7 +197,7 @@ def list_aligned_images(image_dir: Path, image_list: Optional[Path]) -> List[str
     paths = []
     for subject in sorted(e.name for e in os.scandir(image_dir) if e.is_dir()):
         paths += [f"{subject}/{f}" for f in sorted(os.listdir(image_dir / subject))
-                  if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+                  if is_image_file(f)]
     return paths
 
 

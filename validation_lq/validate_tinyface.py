@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,11 +40,11 @@ from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesErr
                                compute_or_load_features, file_safe, model_specs_from_args, name_some, run_cli,
                                run_label)
 from utils.identification import DIR_FAR  # noqa: E402
+from utils.image import list_images  # noqa: E402
 
 logger = logging.getLogger("validate_tinyface")
 
 SUBSETS = ("Probe", "Gallery_Match", "Gallery_Distractor")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DISTRACTOR_LABEL = -100
 RANKS = (1, 5, 20)
 KIND = "TinyFace"
@@ -67,15 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="default: result/TinyFace/<model>")
     add_feature_arguments(parser)
     return parser
-
-
-def list_images(folder: Path) -> List[Path]:
-    """Image files below ``folder`` (recursive), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        found += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
 
 
 def file_key(path: Path) -> str:
