@@ -1,8 +1,10 @@
 """DIR_FAR: a hand-computed case with distractors, and equality with the published row-loop algorithm."""
+import math
+
 import numpy as np
 import pytest
 
-from utils.identification import DIR_FAR, find_thresholds_by_FAR, mate_ranks
+from utils.identification import DIR_FAR, find_thresholds_by_FAR, mate_ranks, rank_rates, tpir_at_fpir
 
 
 def reference_DIR_FAR(score_mat, label_mat, ranks=(1,), FARs=(1.0,)):
@@ -57,6 +59,16 @@ def test_open_set_hand_computed():
     np.testing.assert_array_equal(fars, np.array([0.0, 0.5, 1.0], dtype=np.float32))
     dirs1, _, _ = DIR_FAR(SCORES, LABELS, ranks=[1], FARs=[0.5, 1.0])
     assert dirs1.shape == (2,)
+
+
+def test_rate_tables_of_the_scripts(caplog):
+    # the hand-computed cases above, as the evaluation scripts report them
+    assert rank_rates(SCORES, LABELS, (1, 2)) == {"rank-1": 0.5, "rank-2": 1.0}
+    assert tpir_at_fpir(SCORES, LABELS, (0.1, 0.5, 1.0)) == pytest.approx(
+        {"TPIR@FPIR=0.1": 0.0, "FPIR@FPIR=0.1": 0.0, "TPIR@FPIR=0.5": 0.0, "FPIR@FPIR=0.5": 0.5,
+         "TPIR@FPIR=1": 0.5, "FPIR@FPIR=1": 1.0})
+    every_probe_mated = tpir_at_fpir(SCORES[:2], LABELS[:2], (0.1,))
+    assert math.isnan(every_probe_mated["TPIR@FPIR=0.1"]) and "undefined" in caplog.text
 
 
 def test_find_thresholds_by_far_rounds_like_the_reference():

@@ -21,7 +21,7 @@ mate score; only rows where a non-mate ties with that score (or that hold a NaN)
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -150,3 +150,28 @@ def DIR_FAR(score_mat, label_mat, ranks: Sequence[int] = (1,), FARs: Sequence[fl
         return (DIRs, FARs_out, thresholds, match_indices, false_retrieval, false_reject, false_accept,
                 sort_idx_mat_m)
     return DIRs, FARs_out, thresholds
+
+
+def rank_rates(score_mat, label_mat, ranks: Sequence[int]) -> Dict[str, float]:
+    """Closed-set identification: ``{'rank-k': DIR}`` (fractions of the mated probes), ``DIR_FAR``
+    at FAR 1.0."""
+    dirs, _, _ = DIR_FAR(score_mat, label_mat, ranks=list(ranks), FARs=[1.0])
+    return {f"rank-{r}": float(v) for r, v in zip(ranks, np.atleast_1d(dirs))}
+
+
+def tpir_at_fpir(score_mat, label_mat, fpirs: Sequence[float]) -> Dict[str, float]:
+    """Open-set identification at rank 1: ``TPIR@FPIR=f`` and the achieved ``FPIR@FPIR=f`` for each
+    target ``f`` (thresholds from the top scores of the probes without a mate). When every probe has
+    a mate no threshold can be set: the rates are NaN, with a warning."""
+    label_mat = np.asarray(label_mat, dtype=bool)
+    if label_mat.ndim == 2 and label_mat.any(axis=1).all():
+        logger.warning("identification: every probe has a mate in the gallery; TPIR@FPIR is undefined (NaN)")
+        tpir = fpir = np.full(len(fpirs), np.nan)
+    else:
+        tpir, fpir, _ = DIR_FAR(score_mat, label_mat, ranks=[1], FARs=list(fpirs))
+        tpir, fpir = np.atleast_1d(tpir), np.atleast_1d(fpir)
+    result: Dict[str, float] = {}
+    for target, t, f in zip(fpirs, tpir, fpir):
+        result[f"TPIR@FPIR={target:g}"] = float(t)
+        result[f"FPIR@FPIR={target:g}"] = float(f)
+    return result

@@ -34,7 +34,7 @@ from sklearn.metrics import roc_curve
 from prettytable import PrettyTable
 from tqdm import tqdm
 
-from utils.identification import DIR_FAR
+from utils.identification import rank_rates, tpir_at_fpir
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,12 @@ def _normalize_rows(feats: np.ndarray, out_dtype) -> np.ndarray:
                        int(np.sum(norms == 0)))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (feats / norms).astype(out_dtype, copy=False)
+
+
+def image_features_for_templates(features: np.ndarray, norms: np.ndarray, fusion_method: str) -> np.ndarray:
+    """What the published IJB scripts aggregate into templates: with ``pre_norm_vector_add`` the
+    normalised image features times their norms, else the normalised features."""
+    return features * norms if fusion_method == "pre_norm_vector_add" else features
 
 
 def image2template_feature(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
@@ -416,19 +422,7 @@ def identification(gallery_feats: np.ndarray, gallery_ids: np.ndarray, probe_fea
     scores = probe_feats @ gallery_feats.T
     labels = probe_ids[:, None] == gallery_ids[None, :]
     mated = labels.any(axis=1)
-    result: Dict[str, float] = {}
-    closed, _, _ = DIR_FAR(scores, labels, ranks=list(ranks), FARs=[1.0])
-    for rank, value in zip(ranks, np.atleast_1d(closed)):
-        result[f"rank-{rank}"] = float(value)
-    if (~mated).any():
-        tpir, fpir, _ = DIR_FAR(scores, labels, ranks=[1], FARs=list(fpirs))
-        tpir, fpir = np.atleast_1d(tpir), np.atleast_1d(fpir)
-    else:
-        logger.warning("identification: every probe has a mate in the gallery; TPIR@FPIR is undefined (NaN)")
-        tpir = fpir = np.full(len(fpirs), np.nan)
-    for target, t, f in zip(fpirs, tpir, fpir):
-        result[f"TPIR@FPIR={target:g}"] = float(t)
-        result[f"FPIR@FPIR={target:g}"] = float(f)
+    result = {**rank_rates(scores, labels, ranks), **tpir_at_fpir(scores, labels, fpirs)}
     result["num_mated"] = int(mated.sum())
     result["num_nonmated"] = int((~mated).sum())
     return result

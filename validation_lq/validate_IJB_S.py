@@ -55,8 +55,8 @@ from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesErr
                                add_loader_arguments, add_model_arguments, check_files_exist, check_paths_exist,
                                compute_or_load_features, file_safe, load_features, model_specs_from_args, name_some,
                                run_cli, run_label)
-from utils.identification import DIR_FAR  # noqa: E402
-from utils.ijb import image2template_feature  # noqa: E402
+from utils.identification import rank_rates, tpir_at_fpir  # noqa: E402
+from utils.ijb import image2template_feature, image_features_for_templates  # noqa: E402
 from utils.image import is_image_file  # noqa: E402
 
 logger = logging.getLogger("validate_IJB_S")
@@ -240,11 +240,11 @@ def evaluate_protocol(protocol: Protocol, feats: np.ndarray, probe_set: str, gal
         subjects = np.array([protocol.templates[i].subject for i in members])
         scores.append(probe_feats @ feats[members].T)
         labels.append(probe_subjects[:, None] == subjects[None, :])
-    closed, _, _ = DIR_FAR(np.hstack(scores), np.hstack(labels), ranks=list(RANKS), FARs=[1.0])
-    result = {f"rank-{r}": float(v) for r, v in zip(RANKS, np.atleast_1d(closed))}
-    open_sets = [np.atleast_1d(DIR_FAR(s, lab, ranks=[1], FARs=list(FPIRS))[0]) for s, lab in zip(scores, labels)]
-    for k, fpir in enumerate(FPIRS):
-        result[f"TPIR@FPIR={fpir:g}"] = float(np.mean([o[k] for o in open_sets]))
+    result = rank_rates(np.hstack(scores), np.hstack(labels), RANKS)
+    open_sets = [tpir_at_fpir(s, lab, FPIRS) for s, lab in zip(scores, labels)]
+    for fpir in FPIRS:
+        key = f"TPIR@FPIR={fpir:g}"
+        result[key] = float(np.mean([o[key] for o in open_sets]))
     result["probes"] = int(len(probes))
     result["probes_without_images"] = int(sum(len(protocol.templates[i].rows) == 0 for i in probes))
     return result
@@ -298,9 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     feature_set = compute_or_load_features(args, KIND, names,
                                            lambda: ImageListDataset([image_dir / n for n in names]),
                                            spec, output_dir, desc="IJB-S images")
-    img_feats = feature_set.features
-    if feature_set.fusion_method == "pre_norm_vector_add":
-        img_feats = img_feats * feature_set.norms
+    img_feats = image_features_for_templates(feature_set.features, feature_set.norms, feature_set.fusion_method)
     feats = template_features(protocol, img_feats)
 
     results = {name: evaluate_protocol(protocol, feats, *sets) for name, sets in PROTOCOLS.items()}

@@ -39,7 +39,7 @@ from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesErr
                                add_loader_arguments, add_model_arguments, check_paths_exist,
                                compute_or_load_features, file_safe, model_specs_from_args, name_some, run_cli,
                                run_label)
-from utils.identification import DIR_FAR  # noqa: E402
+from utils.identification import rank_rates  # noqa: E402
 from utils.image import list_images  # noqa: E402
 
 logger = logging.getLogger("validate_tinyface")
@@ -138,9 +138,7 @@ def tinyface_identification(features: np.ndarray, probe_rows: np.ndarray, galler
     """Closed-set rank-k identification rates (fractions) of the probes against matches + distractors."""
     probe_labels, gallery_labels = labels[:len(probe_rows)], labels[len(probe_rows):]
     scores = features[probe_rows] @ features[gallery_rows].T
-    label_mat = probe_labels[:, None] == gallery_labels[None, :]
-    dirs, _, _ = DIR_FAR(scores, label_mat, ranks=list(ranks), FARs=[1.0])
-    return {f"rank-{r}": float(v) for r, v in zip(ranks, np.atleast_1d(dirs))}
+    return rank_rates(scores, probe_labels[:, None] == gallery_labels[None, :], ranks)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:

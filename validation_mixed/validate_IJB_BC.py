@@ -47,11 +47,11 @@ from utils.eval_common import (EvalInputError, ImageListDataset, add_device_argu
                                add_feature_arguments, add_fusion_arguments, add_loader_arguments,
                                add_model_arguments, check_files_exist, compute_or_load_features, file_safe,
                                model_specs_from_args, run_cli, run_label)
-from utils.identification import DIR_FAR  # noqa: E402
+from utils.identification import rank_rates  # noqa: E402
 from utils.ijb import (FAR_TARGETS, format_tar_far_table, identification, ijb_meta_paths,  # noqa: E402
-                       image2template_feature, mean_over_galleries, read_1n_csv, read_landmarks,
-                       read_template_media_list, read_template_pair_list, select_template_features,
-                       tar_at_far, unique_template_subjects, verification)
+                       image2template_feature, image_features_for_templates, mean_over_galleries, read_1n_csv,
+                       read_landmarks, read_template_media_list, read_template_pair_list,
+                       select_template_features, tar_at_far, unique_template_subjects, verification)
 
 logger = logging.getLogger("validate_IJB_BC")
 
@@ -72,12 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="default: result/<dataset_name>/<model>")
     add_feature_arguments(parser)
     return parser
-
-
-def image_features_for_templates(features: np.ndarray, norms: np.ndarray, fusion_method: str) -> np.ndarray:
-    """The published script's input to template aggregation: with ``pre_norm_vector_add`` the
-    normalised features times their norms, else the normalised features."""
-    return features * norms if fusion_method == "pre_norm_vector_add" else features
 
 
 def save_roc_plot(path: Path, scores: np.ndarray, labels: np.ndarray, title: str, label: str) -> None:
@@ -114,8 +108,7 @@ def identification_results(template_feats: np.ndarray, unique_templates: np.ndar
     rows["mean"] = mean_over_galleries(list(rows.values()))
     merged_feats, merged_subjects = np.concatenate(gallery_feats), np.concatenate(gallery_subjects)
     labels = probe_s[:, None] == merged_subjects[None, :]
-    closed, _, _ = DIR_FAR(probe_feats @ merged_feats.T, labels, ranks=list(RANKS), FARs=[1.0])
-    merged = {f"rank-{r}": float(v) for r, v in zip(RANKS, np.atleast_1d(closed))}
+    merged = rank_rates(probe_feats @ merged_feats.T, labels, RANKS)
     merged["num_mated"] = int(labels.any(axis=1).sum())
     merged["num_nonmated"] = int((~labels.any(axis=1)).sum())
     rows["merged"] = merged
