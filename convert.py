@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from prettytable import PrettyTable
 from tqdm import tqdm
 
+from utils.files import write_atomically
 from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
 from utils.pairsets import PairSetError, bin_to_memfile, memfile_matches
@@ -68,12 +69,6 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _image_extension(data: bytes) -> str:
     return ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
 
@@ -111,13 +106,14 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
                 skipped += 1
                 continue
             rgb = swap_red_blue(decode_image_bytes(image, source))
-            _atomic_write_bytes(path, encode_jpeg(rgb, quality=SWAPPED_JPEG_QUALITY))
+            data = encode_jpeg(rgb, quality=SWAPPED_JPEG_QUALITY)
+            write_atomically(path, lambda f: f.write(data))
         else:
             path = label_dir / f"{key}{_image_extension(image)}"
             if not overwrite and path.is_file() and path.stat().st_size == len(image):
                 skipped += 1
                 continue
-            _atomic_write_bytes(path, image)
+            write_atomically(path, lambda f: f.write(image))
         written += 1
     return written, skipped
 

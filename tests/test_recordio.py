@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils import recordio
+from utils import files, recordio
 from utils.image import decode_image_bytes
 from utils.recordio import (IRHeader, RecordIOError, RecordReader, RecordWriter,
                             load_face_pack_index, pack_record, read_face_record, rebuild_index,
@@ -299,14 +299,14 @@ def test_label_cache_falls_back_to_user_cache_dir(tmp_path, monkeypatch):
     rec = pack_dir / "train.rec"
     write_face_pack(rec, make_samples([0, 1, 1]))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    real_mkstemp = recordio.tempfile.mkstemp
+    real_mkstemp = files.tempfile.mkstemp
 
     def mkstemp(*args, dir=None, **kwargs):  # the pack's folder refuses new files
         if Path(dir).resolve() == pack_dir.resolve():
             raise PermissionError(13, "Permission denied", str(dir))
         return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(recordio.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
     index = load_face_pack_index(rec, show_progress=False)
     np.testing.assert_array_equal(index.labels, [0, 1, 1])
     assert not (pack_dir / "train.labels.npz").exists()

@@ -42,6 +42,7 @@ from face_alignment.similarity import align_face
 from utils.checkpoint import CheckpointError, load_pretrained_backbone
 from utils.device import resolve_device
 from utils.features import extract_features
+from utils.files import write_atomically
 from utils.fusion import FUSION_METHODS
 from utils.image import ImageDecodeError, check_input_size, load_image_file, rgb_to_tensor
 from utils.pretrained import PRETRAINED_DIR, PUBLISHED_MODELS, canonical_model_name, published_checkpoint
@@ -329,12 +330,10 @@ def save_features(path: PathLike, feature_set: FeatureSet) -> Path:
     reserved = {"features", "norms", "names", "meta"} & set(feature_set.arrays)
     if reserved:
         raise ValueError(f"extra arrays may not be called {sorted(reserved)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=np.asarray(feature_set.features, dtype=np.float32),
-             norms=np.asarray(feature_set.norms, dtype=np.float32).reshape(-1, 1), names=names,
-             meta=np.asarray(json.dumps(meta, sort_keys=True)), **feature_set.arrays)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: np.savez(
+        f, features=np.asarray(feature_set.features, dtype=np.float32),
+        norms=np.asarray(feature_set.norms, dtype=np.float32).reshape(-1, 1), names=names,
+        meta=np.asarray(json.dumps(meta, sort_keys=True)), **feature_set.arrays))
     logger.info("saved %d features to %s", len(names), path)
     return path
 

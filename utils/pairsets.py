@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -26,6 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from utils.files import write_atomically
 from utils.image import (INPUT_SIZE, ImageDecodeError, check_input_size, decode_image_bytes,
                          rgb_to_input_array, swap_red_blue)
 
@@ -121,20 +121,7 @@ def write_pair_bin(path: PathLike, images: Sequence[bytes], issame: Sequence[boo
     flags = [bool(x) for x in issame]
     if len(images) != 2 * len(flags):
         raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs; need 2 per pair")
-    _atomic_write(path, lambda f: pickle.dump((images, flags), f, protocol=4))
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: pickle.dump((images, flags), f, protocol=4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,10 +248,10 @@ def bin_to_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = Non
     if not len(images):
         tmp.write_bytes(b"")
     os.replace(tmp, dat)
-    _atomic_write(lst, lambda f: np.save(f, issame.astype(bool)))
+    write_atomically(lst, lambda f: np.save(f, issame.astype(bool)))
     config = {"shape": list(shape), "dtype": MEMFILE_DTYPE,
               "source": str(bin_path), "swap_color_channel": bool(swap_color_channel)}
-    _atomic_write(conf, lambda f: f.write(json.dumps(config).encode("utf-8")))
+    write_atomically(conf, lambda f: f.write(json.dumps(config).encode("utf-8")))
     logger.info("wrote %s (%d images, %d pairs)", dat, len(images), len(issame))
     return dat
 

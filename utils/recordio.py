@@ -23,7 +23,6 @@ import logging
 import numbers
 import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 from tqdm import tqdm
+
+from utils.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -501,22 +502,9 @@ def rebuild_index(rec_path: PathLike, idx_path: Optional[PathLike] = None,
         if in_record:
             raise RecordIOError(f"{rec_path}: key {len(lines)}: truncated multi-part record at "
                                 f"byte offset {start}")
-    _atomic_write_text(idx_path, "".join(lines))
+    write_atomically(idx_path, lambda f: f.write("".join(lines)), text=True)
     logger.info("wrote %s (%d records)", idx_path, len(lines))
     return len(lines)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,21 +604,14 @@ def _load_cached(path: Path, stamp: np.ndarray) -> Optional[FacePackIndex]:
 
 
 def _save_cache(path: Path, index: FacePackIndex, stamp: np.ndarray, rec_path: Path) -> bool:
+    """Write the label cache; False (the caller tries the next place) where the folder refuses it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, keys=index.keys, labels=index.labels, num_classes=index.num_classes,
-                     stamp=stamp, source=str(rec_path))
-        os.replace(tmp, path)
+        write_atomically(path, lambda f: np.savez(f, keys=index.keys, labels=index.labels,
+                                                  num_classes=index.num_classes, stamp=stamp,
+                                                  source=str(rec_path)))
         return True
     except OSError as exc:
-        logger.warning("could not write label cache %s (%s)", path, exc)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        logger.info("could not write label cache %s (%s)", path, exc)
         return False
 
 
