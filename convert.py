@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 from prettytable import PrettyTable
 from tqdm import tqdm
 
+from utils.cli import run_cli
 from utils.files import write_atomically
 from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
@@ -411,17 +412,16 @@ def run(args: argparse.Namespace) -> Summary:
     return summary
 
 
+#: What the command line reports as one ``convert.py: error: ...`` line (exit status 1).
+CLI_ERRORS = (ConvertError, RecordIOError, PairSetError, ImageDecodeError, FileNotFoundError, ValueError)
+
+
+def _run(argv: Optional[Sequence[str]]) -> None:
+    print(run(build_parser().parse_args(argv)).table())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (ConvertError, RecordIOError, PairSetError, ImageDecodeError, FileNotFoundError,
-            ValueError) as exc:
-        print(f"convert.py: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary.table())
-    return 0
+    return run_cli(_run, argv, errors=CLI_ERRORS, status=1, prog="convert.py")
 
 
 if __name__ == "__main__":

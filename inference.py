@@ -41,11 +41,13 @@ from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
 from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
 from utils.checkpoint import CheckpointError, load_pretrained_backbone
+from utils.cli import run_cli
 from utils.device import resolve_device
 from utils.features import embed_batch
 from utils.fusion import FUSION_METHODS
 from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_image_file
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
+from utils.onnx_export import OnnxExportError, export_and_check
 from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
                               default_checkpoint_paths, find_pretrained_checkpoint)
 
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 # The default checkpoint of each architecture, relative to the repository (the published name
 # of this table; utils.pretrained holds every published file).
 adaface_models: Dict[str, str] = default_checkpoint_paths()
+
+#: What the command line reports as one ``error: ...`` line (exit status 1) instead of a traceback.
+CLI_ERRORS = (CheckpointError, OnnxExportError, ValueError, FileNotFoundError)
 
 DEFAULT_FUSION = "none"  # the published inference.py embeds each face once, without its mirror
 EMBED_BATCH_SIZE = 32
@@ -263,11 +268,6 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
-
-
 def _image_folder(image_dir: Optional[str]) -> Path:
     if image_dir is None or Path(image_dir).resolve() == SAMPLE_IMAGE_DIR:
         ensure_test_images(SAMPLE_IMAGE_DIR)
@@ -275,49 +275,40 @@ def _image_folder(image_dir: Optional[str]) -> Path:
     return Path(image_dir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 success, 1 failure)."""
+def _run(argv: Optional[Sequence[str]]) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model = load_pretrained_model(args.architecture, ckpt_path=args.ckpt_path,
-                                      device=args.device, pretrained_dir=args.pretrained_dir)
-    except (CheckpointError, ValueError) as exc:
-        return _fail(str(exc))
-
+    model = load_pretrained_model(args.architecture, ckpt_path=args.ckpt_path,
+                                  device=args.device, pretrained_dir=args.pretrained_dir)
     if args.export_onnx:
-        from utils.onnx_export import OnnxExportError, export_and_check
-        try:
-            report = export_and_check(model, args.export_onnx)
-        except OnnxExportError as exc:
-            return _fail(str(exc))
+        report = export_and_check(model, args.export_onnx)
         print(f"wrote {args.export_onnx} (input 'input' [batch, 3, 112, 112] BGR in [-1, 1]; "
               f"outputs 'embedding' [batch, 512], 'norm' [batch, 1])")
         print("onnxruntime vs PyTorch:")
         print(report.table())
-        return 0
+        return
 
     image_dir = _image_folder(args.image_dir)
     if not image_dir.is_dir():
-        return _fail(f"image folder not found: {image_dir}")
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
     if not list_images(image_dir):
-        return _fail(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
-    try:
-        result = run_inference(model, image_dir, fusion_method=args.fusion_method,
-                               mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress)
-    except FileNotFoundError as exc:  # MTCNN weights
-        return _fail(str(exc))
-
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
+    result = run_inference(model, image_dir, fusion_method=args.fusion_method,
+                           mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress)
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
     if not result.faces:
-        return _fail(f"no face found in any image under {image_dir}")
+        raise ValueError(f"no face found in any image under {image_dir}")
     print(f"cosine similarity ({model.arch if hasattr(model, 'arch') else 'backbone'}, "
           f"fusion: {args.fusion_method}):")
     print(similarity_table(result))
     print("feature norm (AdaFace's quality score: higher means a clearer, more recognisable face):")
     print(quality_table(result))
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (0 success, 1 failure: a missing or
+    unfitting checkpoint, missing MTCNN weights, no image or no face, a failed ONNX export)."""
+    return run_cli(_run, argv, errors=CLI_ERRORS, status=1)
 
 
 if __name__ == "__main__":

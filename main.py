@@ -14,7 +14,8 @@ from pytorch_lightning.loggers import CSVLogger
 import data
 import train_val
 from utils.config import get_args
-from utils.report import print_results_table
+from utils.cli import setup_logging
+from utils.report import results_summary
 
 logger = logging.getLogger("main")
 
@@ -71,7 +72,7 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = get_args(argv)
     if args.demo:
         from utils.demo import prepare_demo_data
@@ -113,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.test(module, datamodule=data_module, ckpt_path=best if best else None)
     if trainer.is_global_zero:
         title = "evaluation" if args.evaluate else f"test of {checkpoint.best_model_path or 'the final model'}"
-        print_results_table(module.last_results, module.val_set_names, stage="test", title=title)
+        print(results_summary(module.last_results, module.val_set_names, stage="test", title=title))
         if args.demo:
             from utils.demo import report_demo
             report_demo(args, module)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from face_alignment.mtcnn import MTCNN, to_rgb_array
 from face_alignment.nets import find_weights_dir
 from face_alignment.similarity import align_face
+from utils.cli import run_cli
 from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, encode_jpeg, encode_png, list_images, load_image_file
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def align_folder(src_dir: Union[str, Path], dst_dir: Union[str, Path],
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _run(argv: Optional[Sequence[str]]) -> None:
     parser = argparse.ArgumentParser(
         description="Align the most confident face of every image in a folder tree to 112x112 "
                     "(MTCNN + 5-point similarity transform).")
@@ -198,7 +199,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device for MTCNN, e.g. cpu, cuda")
     parser.add_argument("--overwrite", action="store_true", help="redo images already aligned")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = align_folder(args.src_dir, args.dst_dir, weights_dir=args.mtcnn_weights,
                            device=args.device, overwrite=args.overwrite)
     print(summary.table())
@@ -206,7 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"no face: {path}")
     for path in summary.unreadable:
         print(f"unreadable: {path}")
-    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m face_alignment.align SRC DST``; a missing folder or MTCNN weights end with one
+    error line and exit status 1."""
+    return run_cli(_run, argv, errors=(FileNotFoundError, ValueError), status=1)
 
 
 if __name__ == "__main__":

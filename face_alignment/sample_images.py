@@ -71,6 +71,8 @@ def ensure_test_images(directory: Union[str, Path, None] = None) -> List[Path]:
 if __name__ == "__main__":
     import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from utils.cli import setup_logging
+
+    setup_logging()
     for written in ensure_test_images(sys.argv[1] if len(sys.argv) > 1 else None):
         print(written)

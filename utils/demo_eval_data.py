@@ -54,6 +54,7 @@ import numpy as np
 from prettytable import PrettyTable
 
 from face_alignment.similarity import REFERENCE_POINTS_112, transform_points
+from utils.cli import run_cli
 from utils.demo_data import PAIR_VARIATION, IdentityBank, Quality, draw_quality, render_identity_image
 from utils.image import INPUT_SIZE, encode_jpeg
 
@@ -378,7 +379,6 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoEvalSet:
     parser.add_argument("--num_subjects", type=int, default=6)
     parser.add_argument("--force", action="store_true", help="replace an earlier demo set of this kind")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = generate_demo_eval_data(args.out, args.kind, args.seed, args.num_subjects, overwrite=args.force)
     table = PrettyTable(["item", "value"])
     table.align = "l"
@@ -392,8 +392,4 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoEvalSet:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, errors=(FileExistsError, ValueError), status=2))

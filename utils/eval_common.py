@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -39,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from face_alignment.similarity import align_face
+from utils import cli
 from utils.checkpoint import CheckpointError, load_pretrained_backbone
 from utils.device import resolve_device
 from utils.features import extract_features
@@ -235,20 +235,10 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-run the metrics on features saved by --save_features (no model needed)")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a script's ``main``; input errors become one ``error: ...`` line and exit status 2."""
-    setup_logging()
-    try:
-        main(argv)
-    except USER_ERRORS as exc:
-        logger.debug("details", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """Run an evaluation script's ``main``: :data:`USER_ERRORS` become one ``error: ...`` line and exit
+    status 2 (:func:`utils.cli.run_cli`)."""
+    return cli.run_cli(main, argv, errors=USER_ERRORS, status=2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+"""utils.cli: user errors end as one stderr line and an exit status; bugs keep their traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from utils.cli import report_error, run_cli
+
+
+def test_user_errors_become_one_line_and_the_status(capsys):
+    def missing(argv):
+        raise FileNotFoundError(f"{argv[0]}: not found")
+    assert run_cli(missing, ["x.rec"], status=1, prog="convert.py") == 1
+    assert capsys.readouterr().err == "convert.py: error: x.rec: not found\n"
+    assert run_cli(lambda argv: None, []) == 0
+
+    def bug(argv):
+        raise KeyError("a bug")
+    with pytest.raises(KeyError):
+        run_cli(bug, [], errors=(ValueError,))
+    report_error("plain")
+    assert capsys.readouterr().err == "error: plain\n"
+
+
+def test_align_tool_reports_a_missing_folder_without_traceback(tmp_path, repo_root):
+    proc = subprocess.run([sys.executable, "-m", "face_alignment.align", str(tmp_path / "missing"),
+                           str(tmp_path / "out")], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: image folder not found: {tmp_path / 'missing'}" in proc.stderr

@@ -1,0 +1,41 @@
+"""What every command-line entry point shares: its logging set-up and its one-line error report.
+
+Entry points (``main.py``, ``convert.py``, ``inference.py``, the evaluation scripts, the
+``python -m`` tools) print their results. A bad input (a missing file, an unusable option, a
+checkpoint that does not fit) ends with one line ``error: ...`` on stderr and a non-zero exit
+status instead of a traceback; any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional, Sequence, Tuple, Type
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log records at ``level`` and above to stderr as ``LEVEL module: message``."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def report_error(message: object, prog: Optional[str] = None) -> None:
+    """Write the one line ``[prog: ]error: message`` to stderr (the command line's own output)."""
+    print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
+            errors: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError), status: int = 2,
+            prog: Optional[str] = None) -> int:
+    """Set up logging and run ``main(argv)``; return 0, or ``status`` after reporting one of the
+    user ``errors`` with :func:`report_error` (the traceback goes to the debug log)."""
+    setup_logging()
+    try:
+        main(argv)
+    except errors as exc:
+        logger.debug("details", exc_info=True)
+        report_error(exc, prog)
+        return status
+    return 0
