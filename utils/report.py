@@ -35,12 +35,11 @@ def format_results_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     return table.get_string()
 
 
-def print_results_table(results: Mapping[str, float], set_names: Sequence[str], stage: str = "test",
-                        title: str = "results") -> None:
-    """Print one run's verification accuracies (%) as the paper's table."""
+def results_summary(results: Mapping[str, float], set_names: Sequence[str], stage: str = "test",
+                    title: str = "results") -> str:
+    """One run's verification accuracies (%) as the paper's table, under a title line (for the
+    command line to print)."""
     row = results_row(results, set_names, stage)
     if not row:
-        print(f"{title}: no verification results")
-        return
-    print(f"\n{title} (verification accuracy, %):")
-    print(format_results_table({"this run": row}))
+        return f"{title}: no verification results"
+    return f"\n{title} (verification accuracy, %):\n" + format_results_table({"this run": row})
