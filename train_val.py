@@ -19,7 +19,7 @@ from torch.nn import CrossEntropyLoss
 import head as heads
 import net
 from utils.checkpoint import load_backbone_weights, read_checkpoint
-from utils.evaluate_utils import evaluate
+from utils.evaluate_utils import evaluate_pair_set
 from utils.features import embed_batch
 from utils.pairsets import VAL_SET_NAMES
 
@@ -165,11 +165,11 @@ class Trainer(pl.LightningModule):
             if folds < 10:
                 logger.warning("%s: only %d pairs were embedded; using %d folds instead of 10",
                                name, len(issame), folds)
-            _, _, accuracy, best_thresholds = evaluate(embeddings, issame, nrof_folds=folds)
-            results[f"{name}_{stage}_acc"] = float(accuracy.mean())
-            results[f"{name}_{stage}_best_threshold"] = float(best_thresholds.mean())
+            summary = evaluate_pair_set(embeddings, issame, nrof_folds=folds)
+            results[f"{name}_{stage}_acc"] = summary["acc"]
+            results[f"{name}_{stage}_best_threshold"] = summary["best_threshold"]
             results[f"{name}_num_{stage}_samples"] = float(len(embeddings))
-            accuracies.append(float(accuracy.mean()))
+            accuracies.append(summary["acc"])
         results[f"{stage}_acc"] = float(np.mean(accuracies)) if accuracies else math.nan
         self.last_results = results
         self.last_embeddings = out
