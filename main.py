@@ -13,8 +13,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 import data
 import train_val
-from utils.config import get_args
 from utils.cli import setup_logging
+from utils.config import get_args
 from utils.report import results_summary
 
 logger = logging.getLogger("main")
@@ -22,6 +22,16 @@ logger = logging.getLogger("main")
 
 def devices_per_node(args) -> int:
     return args.gpus if args.gpus > 0 else max(1, args.cpu_processes)
+
+
+def build_module(args, data_module: data.DataModule) -> train_val.Trainer:
+    """The LightningModule of the parsed flags: as many classes as the training data has (or
+    ``--custom_num_class``), and the names of its validation sets."""
+    hparams = dict(vars(args))
+    hparams["class_num"] = (args.custom_num_class if args.custom_num_class != -1
+                            else data_module.num_classes)
+    hparams["val_set_names"] = list(data_module.val_set_names)
+    return train_val.Trainer(**hparams)
 
 
 def build_loggers(args) -> List:
@@ -89,11 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pl.seed_everything(args.seed, workers=True)
 
     data_module = data.DataModule.from_args(args, seed=args.seed)
-    hparams = dict(vars(args))
-    hparams["class_num"] = (args.custom_num_class if args.custom_num_class != -1
-                            else data_module.num_classes)
-    hparams["val_set_names"] = list(data_module.val_set_names)
-    module = train_val.Trainer(**hparams)
+    module = build_module(args, data_module)
 
     checkpoint = ModelCheckpoint(dirpath=args.output_dir, save_last=True, monitor="val_acc", mode="max",
                                  save_top_k=args.epochs + 1 if args.save_all_models else 1)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 
 import data  # noqa: E402
-import train_val  # noqa: E402
+from main import build_module  # noqa: E402
 from utils.config import get_args  # noqa: E402
 from utils.demo_data import ensure_demo_data  # noqa: E402
 
@@ -63,8 +63,7 @@ def main() -> None:
     args = get_args(argv)
     args.total_batch_size = args.batch_size
     dm = data.DataModule.from_args(args, seed=args.seed)
-    module = train_val.Trainer(**{**vars(args), "class_num": dm.num_classes,
-                                  "val_set_names": list(dm.val_set_names)})
+    module = build_module(args, dm)
     timer = BatchTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=opts.batches,
                          limit_val_batches=0, num_sanity_val_steps=0, logger=False,

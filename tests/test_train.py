@@ -101,8 +101,7 @@ def _fit(args, resume=None):
     import data
     args.total_batch_size = args.batch_size
     dm = data.DataModule.from_args(args, seed=args.seed)
-    module = train_val.Trainer(**{**vars(args), "class_num": dm.num_classes,
-                                  "val_set_names": list(dm.val_set_names)})
+    module = main_module.build_module(args, dm)
     probe = _StateProbe()
     ckpt_cb = main_module.ModelCheckpoint(dirpath=args.output_dir, save_last=True, monitor="val_acc",
                                           mode="max")
