@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import convert
+from tests.reference_image import published_input
 from utils.image import decode_image_bytes, encode_jpeg, encode_png, load_image_file
 from utils.pairsets import open_memfile, write_pair_bin
 from utils.recordio import RecordReader, load_face_pack_index, read_face_record, write_face_pack
@@ -59,8 +60,7 @@ def test_default_converts_images_and_memfiles(dataset):
         assert data.shape == (4, 3, 112, 112)
         for i in range(4):
             rgb = decode_image_bytes(pair_images[first + i])
-            expected = (rgb[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-            np.testing.assert_allclose(data[i], expected, atol=1e-6)
+            np.testing.assert_allclose(data[i], published_input(rgb), atol=1e-6)
     assert open_memfile(root, "lfw")[1].tolist() == [True, False]
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from data import (BadSampleError, DataModule, ImageFolderFaceDataset, MissingPairSetsError,
                   RecordFaceDataset, TrainDataError, ValidationPairDataset, load_subset_index,
                   subset_positions, worker_init_fn)
+from tests.reference_image import published_input
 from utils.demo_data import generate_demo_data
 from utils.image import decode_image_bytes, encode_jpeg, rgb_to_tensor, to_input
 from utils.pairsets import VAL_SET_NAMES, write_pair_bin
@@ -138,7 +139,7 @@ def test_real_photo_same_tensor_through_every_path(tmp_path):
         assert torch.equal(t, tensors[0])
     # it is the BGR [-1, 1] input of the decoded photo, and not the RGB one
     rgb = decode_image_bytes(jpeg)
-    expected = torch.from_numpy((rgb[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5).float()
+    expected = torch.from_numpy(published_input(rgb)).float()
     assert torch.allclose(tensors[0], expected, atol=1e-6)
     assert not torch.allclose(tensors[0], torch.flip(expected, dims=[0]), atol=1e-2)
     # the saved training sample is in true colours

@@ -16,6 +16,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_curve
 
+from tests.reference_image import published_input
 import utils.eval_common as eval_common
 from data import MissingPairSetsError
 from face_alignment.similarity import align_face
@@ -82,8 +83,7 @@ def ijbs(work):
 
 def flip_fused(model, rgb_images, use_flip=True):
     """``pre_norm_vector_add`` written out: f = normalize(e1 n1 + e2 n2), norm = |e1 n1 + e2 n2|."""
-    x = torch.from_numpy(np.stack([(im[:, :, ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5
-                                   for im in rgb_images]).transpose(0, 3, 1, 2).copy())
+    x = torch.from_numpy(published_input(np.stack(rgb_images))).float()
     with torch.no_grad():
         e1, n1 = model(x)
         if not use_flip:

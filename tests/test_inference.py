@@ -19,6 +19,7 @@ from face_alignment.align import get_aligned_face
 from face_alignment.nets import INSTALL_HINT, packaged_weights_dir
 from face_alignment.sample_images import ensure_test_images
 from net import build_model
+from tests.reference_image import published_input
 from utils.checkpoint import CheckpointError, save_lightning_style_checkpoint
 from utils.image import encode_jpeg, encode_png, load_image_file
 
@@ -140,10 +141,9 @@ def test_checkpoint_of_another_architecture_is_refused(tiny, tmp_path, capsys):
 def test_to_input_is_the_published_convention(rng):
     assert inference.to_input is utils.image.to_input
     rgb = rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)
-    published = ((rgb[:, :, ::-1] / 255.0) - 0.5) / 0.5  # the published formula, BGR
     tensor = inference.to_input(Image.fromarray(rgb))
     assert tensor.shape == (1, 3, 112, 112) and tensor.dtype == torch.float32
-    np.testing.assert_allclose(tensor[0].numpy(), published.transpose(2, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(tensor[0].numpy(), published_input(rgb), atol=1e-6)
 
 
 def test_cosine_similarity_matrix():

@@ -8,16 +8,11 @@ import pickle
 import numpy as np
 import pytest
 
+from tests.reference_image import published_input
 from utils.image import encode_jpeg, encode_png
 from utils.pairsets import (VAL_SET_NAMES, PairSetError, bin_to_memfile, load_pair_bin,
                             memfile_exists, memfile_matches, memfile_paths, open_memfile,
                             write_pair_bin)
-
-
-def reference_input(rgb: np.ndarray) -> np.ndarray:
-    """The network input written out independently: BGR, CHW, (x/255 - 0.5)/0.5."""
-    bgr = rgb[:, :, [2, 1, 0]].astype(np.float64)
-    return ((bgr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
 
 
 @pytest.fixture
@@ -102,7 +97,7 @@ def test_bin_to_memfile_holds_network_input(tmp_path, png_bin, faces):
     assert isinstance(data, np.memmap) and data.dtype == np.float32 and not data.flags.writeable
     assert issame.tolist() == [True, False, True]
     for i, face in enumerate(faces):  # PNG is lossless: exact network input
-        np.testing.assert_allclose(data[i], reference_input(face), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(data[i], published_input(face), rtol=0, atol=1e-6)
     assert memfile_exists(root, "lfw") and memfile_matches(root, "lfw", False)
     assert not memfile_matches(root, "lfw", True)
 
