@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from utils.augment import Augmenter
 from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
                          is_image_file, load_image_file, rgb_to_tensor, swap_red_blue)
+from utils.messages import name_some
 from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, memfile_exists, open_memfile
 from utils.recordio import (RecordIOError, RecordReader, load_face_pack_index,
                             read_face_record)
@@ -197,13 +198,10 @@ def scan_image_folder(root: PathLike) -> Tuple[List[str], np.ndarray, np.ndarray
     problems = []
     if empty:
         problems.append(f"{len(empty)} identity folder(s) without images: "
-                        + ", ".join(str(root / n) for n in empty[:10])
-                        + (" ..." if len(empty) > 10 else ""))
+                        + name_some((root / n for n in empty), 10))
     if foreign:
         problems.append(f"{len(foreign)} file(s) that are not images (extensions "
-                        f"{', '.join(IMAGE_EXTENSIONS)}): "
-                        + ", ".join(str(root / f) for f in foreign[:10])
-                        + (" ..." if len(foreign) > 10 else ""))
+                        f"{', '.join(IMAGE_EXTENSIONS)}): " + name_some((root / f for f in foreign), 10))
     if problems:
         raise TrainDataError(f"{root}: bad training image folder: " + "; ".join(problems))
     encoded = np.array([os.fsencode(p) for p in rel_paths], dtype=bytes)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from net import ARCHITECTURE_CONFIG, ARCHITECTURES, build_model, num_units
+from utils.messages import name_some
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ HEAD_PREFIX = 'head.'
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 # Harmless classes found in Lightning checkpoints (training arguments, scheduler milestones).
 _SAFE_GLOBALS = [argparse.Namespace, collections.Counter, collections.OrderedDict]
-_LIST_AT_MOST = 5
 
 
 class CheckpointError(RuntimeError):
@@ -118,13 +118,12 @@ def extract_backbone_state_dict(checkpoint_or_state_dict: Mapping, source: str =
         not_tensors = [str(k) for k, v in state.items() if not torch.is_tensor(v)]
         if not_tensors:
             raise CheckpointError(f"{source}: its 'state_dict' holds {len(not_tensors)} non-tensor "
-                                  f"entries ({_name_some(not_tensors)})")
+                                  f"entries ({name_some(not_tensors)})")
     else:
         state = checkpoint_or_state_dict
         if not state or not all(torch.is_tensor(v) for v in state.values()):
-            top = ', '.join(map(str, list(state)[:10]))
             raise CheckpointError(f"{source}: neither a Lightning checkpoint (no 'state_dict' entry) nor "
-                                  f"a state dict of tensors (top-level keys: {top or 'none'})")
+                                  f"a state dict of tensors (top-level keys: {name_some(state, 10) or 'none'})")
     state = _strip_common_prefixes({str(k): v for k, v in state.items()})
 
     if any(k.startswith(MODEL_PREFIX) for k in state):
@@ -135,10 +134,10 @@ def extract_backbone_state_dict(checkpoint_or_state_dict: Mapping, source: str =
         dropped = [k for k in state if k.startswith(HEAD_PREFIX)]
     if dropped:
         logger.debug("%s: ignoring %d non-backbone keys (%s)", source, len(dropped),
-                     _name_some(dropped))
+                     name_some(dropped))
     backbone = _strip_common_prefixes(backbone)
     if not backbone:
-        raise CheckpointError(f"{source}: holds no backbone weights (only {_name_some(dropped)})")
+        raise CheckpointError(f"{source}: holds no backbone weights (only {name_some(dropped)})")
     return backbone
 
 
@@ -176,12 +175,6 @@ def guess_architecture(state_dict: Mapping) -> Optional[str]:
     return None
 
 
-def _name_some(names: list[str]) -> str:
-    shown = ', '.join(names[:_LIST_AT_MOST])
-    more = len(names) - _LIST_AT_MOST
-    return shown + (f", ... and {more} more" if more > 0 else '')
-
-
 def _fmt_shape(shape) -> str:
     return 'x'.join(map(str, shape)) if len(shape) else 'scalar'
 
@@ -207,13 +200,13 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping]
     mismatched = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_name_some(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {name_some(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_name_some(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {name_some(unexpected)}")
     if mismatched:
         details = [f"{k} (checkpoint {_fmt_shape(loaded[k].shape)}, model {_fmt_shape(expected[k].shape)})"
                    for k in mismatched]
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_name_some(details)}")
+        problems.append(f"{len(mismatched)} shape mismatch(es): {name_some(details)}")
 
     if not problems:
         model.load_state_dict(loaded, strict=True)

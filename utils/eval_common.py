@@ -45,6 +45,7 @@ from utils.features import extract_features
 from utils.files import write_atomically
 from utils.fusion import FUSION_METHODS
 from utils.image import ImageDecodeError, check_input_size, load_image_file, rgb_to_tensor
+from utils.messages import name_some
 from utils.pretrained import PRETRAINED_DIR, PUBLISHED_MODELS, canonical_model_name, published_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ PathLike = Union[str, os.PathLike]
 
 FEATURES_FILE = "features.npz"
 FEATURES_FORMAT_VERSION = 1
-SHOW_AT_MOST = 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,13 +70,6 @@ class MissingFilesError(FileNotFoundError):
 #: The errors a script reports as one line (``error: ...``) instead of a traceback.
 USER_ERRORS = (EvalInputError, MissingFilesError, FileNotFoundError, CheckpointError, ImageDecodeError,
                ValueError)
-
-
-def name_some(items: Sequence, limit: int = SHOW_AT_MOST) -> str:
-    """``'a, b, c'`` or ``'a, b, c, ... (12 in all)'``."""
-    items = [str(i) for i in items]
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def check_files_exist(root: PathLike, rel_paths: Sequence[str], what: str = "images") -> None:

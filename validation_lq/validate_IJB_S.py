@@ -53,11 +53,12 @@ from prettytable import PrettyTable  # noqa: E402
 from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesError,  # noqa: E402
                                add_device_argument, add_feature_arguments, add_fusion_arguments,
                                add_loader_arguments, add_model_arguments, check_files_exist, check_paths_exist,
-                               compute_or_load_features, file_safe, load_features, model_specs_from_args, name_some,
+                               compute_or_load_features, file_safe, load_features, model_specs_from_args,
                                run_cli, run_label)
 from utils.identification import rank_rates, tpir_at_fpir  # noqa: E402
 from utils.ijb import image2template_feature, image_features_for_templates  # noqa: E402
 from utils.image import is_image_file  # noqa: E402
+from utils.messages import name_some  # noqa: E402
 
 logger = logging.getLogger("validate_IJB_S")
 

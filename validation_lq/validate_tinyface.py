@@ -37,10 +37,11 @@ from prettytable import PrettyTable  # noqa: E402
 from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesError,  # noqa: E402
                                add_device_argument, add_feature_arguments, add_fusion_arguments,
                                add_loader_arguments, add_model_arguments, check_paths_exist,
-                               compute_or_load_features, file_safe, model_specs_from_args, name_some, run_cli,
+                               compute_or_load_features, file_safe, model_specs_from_args, run_cli,
                                run_label)
 from utils.identification import rank_rates  # noqa: E402
 from utils.image import list_images  # noqa: E402
+from utils.messages import name_some  # noqa: E402
 
 logger = logging.getLogger("validate_tinyface")
 
