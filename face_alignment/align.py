@@ -28,6 +28,7 @@ from face_alignment.mtcnn import MTCNN, to_rgb_array
 from face_alignment.nets import find_weights_dir
 from face_alignment.similarity import align_face
 from utils.cli import run_cli
+from utils.device import resolve_device
 from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, encode_jpeg, encode_png, list_images, load_image_file
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def _run(argv: Optional[Sequence[str]]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="redo images already aligned")
     args = parser.parse_args(argv)
     summary = align_folder(args.src_dir, args.dst_dir, weights_dir=args.mtcnn_weights,
-                           device=args.device, overwrite=args.overwrite)
+                           device=resolve_device(args.device), overwrite=args.overwrite)
     print(summary.table())
     for path in summary.no_face:
         print(f"no face: {path}")
