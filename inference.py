@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from face_alignment.align import detect_faces, get_detector
+from face_alignment.nets import INSTALL_HINT
 from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
 from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
@@ -258,8 +259,8 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "('none', the default, embeds the face once as the published "
                              "inference.py does; the evaluation scripts use pre_norm_vector_add)")
     parser.add_argument("--mtcnn_weights", default=None,
-                        help="folder with pnet.pt, rnet.pt, onet.pt (default: the facenet-pytorch "
-                             "wheel's data, `pip install --no-deps facenet-pytorch==2.6.0`)")
+                        help=f"folder with pnet.pt, rnet.pt, onet.pt (default: the facenet-pytorch "
+                             f"wheel's data, `{INSTALL_HINT}`)")
     parser.add_argument("--export_onnx", default=None, metavar="PATH",
                         help="write the backbone to PATH as ONNX (dynamic batch axis; outputs "
                              "embedding and norm), check it against PyTorch with onnxruntime, and "

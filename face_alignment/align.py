@@ -25,7 +25,7 @@ from prettytable import PrettyTable
 from tqdm import tqdm
 
 from face_alignment.mtcnn import MTCNN, to_rgb_array
-from face_alignment.nets import find_weights_dir
+from face_alignment.nets import INSTALL_HINT, find_weights_dir
 from face_alignment.similarity import align_face
 from utils.cli import run_cli
 from utils.device import resolve_device
@@ -194,9 +194,8 @@ def _run(argv: Optional[Sequence[str]]) -> None:
     parser.add_argument("src_dir", help="folder of photos (searched recursively)")
     parser.add_argument("dst_dir", help="output folder; the folder structure is kept")
     parser.add_argument("--mtcnn_weights", default=None,
-                        help="folder holding pnet.pt, rnet.pt, onet.pt (default: the data of "
-                             "the facenet-pytorch wheel, installed with "
-                             "`pip install --no-deps facenet-pytorch==2.6.0`)")
+                        help=f"folder holding pnet.pt, rnet.pt, onet.pt (default: the data of "
+                             f"the facenet-pytorch wheel, installed with `{INSTALL_HINT}`)")
     parser.add_argument("--device", default="cpu", help="torch device for MTCNN, e.g. cpu, cuda")
     parser.add_argument("--overwrite", action="store_true", help="redo images already aligned")
     args = parser.parse_args(argv)
