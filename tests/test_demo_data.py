@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from utils.demo_data import (IdentityBank, Quality, RenderInfo, draw_quality, ensure_demo_data,
                              generate_demo_data, main, read_quality_table, render_identity_image)
@@ -76,7 +77,10 @@ def test_quality_table_and_disjoint_identities(tiny):
     assert all(r["identity"].startswith("train/") for r in train)
     assert all(r["identity"].startswith("val/") for r in pairs)
     for r in rows:
-        assert 0.2 <= r["scale"] <= 1.0 and 0.0 <= r["blur_sigma"] <= 1.5
+        assert 0.1 <= r["scale"] <= 1.0 and 0.0 <= r["blur_sigma"] <= 1.5
+        assert 0.0 <= r["capture_noise"] <= 12.0 and 0.3 <= r["contrast"] <= 1.0
+        recorded = Quality(r["scale"], r["blur_sigma"], r["capture_noise"], r["contrast"])
+        assert r["quality_score"] == pytest.approx(recorded.score, abs=1e-4)
         assert 0.0 < r["quality_score"] <= 1.0
     # same pairs really show the same identity, different pairs two identities
     for name in VAL_SET_NAMES:
@@ -101,10 +105,54 @@ def test_quality_degrades_images_as_recorded():
         return float((lap ** 2).mean())
 
     assert detail(low) < 0.5 * detail(sharp) and detail(blurred) < 0.5 * detail(sharp)
+    flat = render_identity_image(identity, np.random.default_rng(1), Quality(contrast=0.4))
+    spread = [img.astype(np.float32).reshape(-1, 3).std(0).mean() for img in (sharp, flat)]
+    assert spread[1] == pytest.approx(0.4 * spread[0], rel=0.15)
+    clean = render_identity_image(identity, np.random.default_rng(1), Quality(scale=0.25))
+    noisy = render_identity_image(identity, np.random.default_rng(1),
+                                  Quality(scale=0.25, noise_sigma=10.0))
+    assert 2.0 < (noisy.astype(np.float32) - clean).std() < 10.0   # noise at 28 px, scaled up
+
     assert Quality(scale=0.25).score < Quality(scale=0.5).score < Quality().score == 1.0
-    qualities = [draw_quality(np.random.default_rng(s)) for s in range(200)]
+    assert Quality(contrast=0.5).score == pytest.approx(0.5)
+    assert Quality(noise_sigma=20.0).score == pytest.approx(2 ** -0.5)
+    qualities = [draw_quality(np.random.default_rng(s)) for s in range(300)]
     scales = np.array([q.scale for q in qualities])
-    assert (scales == 1.0).mean() > 0.3 and scales.min() < 0.3
+    assert (scales == 1.0).mean() > 0.3 and scales.min() < 0.15
+    poor = [q for q in qualities if q.scale < 1.0]   # poor captures: degradations go together
+    assert spearmanr([q.scale for q in poor], [q.contrast for q in poor])[0] > 0.7
+    assert spearmanr([q.scale for q in poor], [q.noise_sigma for q in poor])[0] < -0.7
+    with pytest.raises(ValueError, match="min_scale"):
+        draw_quality(np.random.default_rng(0), min_scale=0.0)
+
+
+def _identity_difference_left(quality: Quality, pairs: int = 4) -> float:
+    """Energy of the difference between two identities' images after ``quality``, as a fraction
+    of it in sharp images (both with the same nuisance values, so only the identity differs)."""
+    bank, left = IdentityBank(2), []
+    for k in range(pairs):
+        a, b = bank.get("train", 2 * k), bank.get("train", 2 * k + 1)
+        sharp = [render_identity_image(i, np.random.default_rng(k)).astype(np.float32)
+                 for i in (a, b)]
+        low = [render_identity_image(i, np.random.default_rng(k), quality).astype(np.float32)
+               for i in (a, b)]
+        left.append(((low[0] - low[1]) ** 2).mean() / ((sharp[0] - sharp[1]) ** 2).mean())
+    return float(np.mean(left))
+
+
+def test_low_quality_removes_identity_detail_as_the_score_says():
+    by_scale = [_identity_difference_left(Quality(scale=s)) for s in (1.0, 0.4, 0.2, 0.1)]
+    assert by_scale[0] == pytest.approx(1.0) and by_scale == sorted(by_scale, reverse=True)
+    assert by_scale[-1] < 0.6
+    # contrast 0.4 scales the difference by 0.4 (energy 0.16), except that of the mean colours
+    assert 0.15 < _identity_difference_left(Quality(contrast=0.4)) < 0.3
+    # over random poor captures (noise left out: the same noise cancels in the difference), the
+    # score orders the images by the identity difference they keep
+    rng = np.random.default_rng(0)
+    drawn = [draw_quality(rng, low_quality_fraction=1.0) for _ in range(16)]
+    drawn = [Quality(q.scale, q.blur_sigma, 0.0, q.contrast) for q in drawn]
+    left = [_identity_difference_left(q, pairs=2) for q in drawn]
+    assert spearmanr([q.score for q in drawn], left)[0] > 0.85
 
 
 def test_identities_are_distinct_and_stable():
@@ -112,17 +160,16 @@ def test_identities_are_distinct_and_stable():
     assert bank.get("train", 2) == IdentityBank(7).get("train", 2)
     assert bank.get("train", 2) != bank.get("val", 2) != bank.get("train", 3)
     info = RenderInfo()
-    rng = np.random.default_rng(0)
-    # two images of one identity are closer than images of two identities (on average)
-    same, diff = [], []
-    for k in range(6):
-        a = render_identity_image(bank.get("train", k), rng, info=info).astype(np.float32)
-        b = render_identity_image(bank.get("train", k), rng).astype(np.float32)
-        c = render_identity_image(bank.get("train", k + 10), rng).astype(np.float32)
-        same.append(np.abs(a - b).mean())
-        diff.append(np.abs(a - c).mean())
+    # with the nuisance values fixed (same rng seed), an identity renders the same image and two
+    # identities differ, inside the face (the background is nuisance)
+    for k in range(4):
+        a = render_identity_image(bank.get("train", k), np.random.default_rng(k), info=info)
+        again = render_identity_image(bank.get("train", k), np.random.default_rng(k))
+        other = render_identity_image(bank.get("train", k + 10), np.random.default_rng(k))
+        assert np.array_equal(a, again)
+        diff = np.abs(a.astype(np.float32) - other).mean(2)
+        assert diff[40:90, 35:77].mean() > 10.0 and diff[40:90, 35:77].mean() > diff[:8, :8].mean()
     assert -1.0 <= info.yaw <= 1.0 and info.noise_sigma > 0
-    assert np.mean(same) < np.mean(diff)
 
 
 def test_ensure_reuses_a_complete_set_and_regenerates_otherwise(tmp_path):
@@ -138,6 +185,23 @@ def test_ensure_reuses_a_complete_set_and_regenerates_otherwise(tmp_path):
     third = ensure_demo_data(out, **dict(kwargs, num_train_ids=3))    # other parameters
     assert third["generated"] and third["counts"]["train_images"] == 6
     assert len(list((out / "imgs").iterdir())) == 3   # stale identity folders removed
+
+
+def test_quality_table_bad_input_names_the_file(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"other\.csv: not a demo-data quality table"):
+        read_quality_table(other)
+    broken = tmp_path / "quality.csv"
+    broken.write_text("split,index,pair,label,identity,file,scale,quality_score\n"
+                      "lfw,0,0,-1,val/1,,0.5,0.5\nlfw,x,0,-1,val/1,,0.5,0.5\n")
+    with pytest.raises(ValueError, match=r"quality\.csv, line 3: bad number"):
+        read_quality_table(broken)
+    broken.write_text("split,index,pair,label,identity,file,scale,quality_score\n"
+                      "lfw,0,0,-1,val/1,,0.5,0.5\n")            # an older table: fewer columns
+    assert read_quality_table(broken) == [{"split": "lfw", "index": 0, "pair": 0, "label": -1,
+                                          "identity": "val/1", "file": "", "scale": 0.5,
+                                          "quality_score": 0.5}]
 
 
 def test_refuses_to_overwrite_foreign_image_folder(tmp_path):
