@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(results_summary(module.last_results, module.val_set_names, stage="test", title=title))
         if args.demo:
             from utils.demo import report_demo
-            report_demo(args, module)
+            print(report_demo(args, module))
     return 0
 
 
