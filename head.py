@@ -53,7 +53,11 @@ def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.reshape(-1, 1).long()
-    if batch_size:
+    if batch_size and labels.is_cuda:
+        # no host synchronisation per training step on the GPU: the check fails asynchronously
+        torch._assert_async(((labels >= 0) & (labels < classnum)).all(),
+                            f"labels must lie in [0, {classnum}) (the head's classnum)")
+    elif batch_size:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= classnum:
             raise ValueError(f"labels must lie in [0, {classnum}) (the head's classnum), got values "
@@ -109,8 +113,11 @@ class MarginLogits(torch.autograd.Function):
         logits = torch.mm(embeddings, kernel)
         logits.mul_(inv_norm * s)                                  # s * cos, one pass
         raw_target = logits.gather(1, labels).div_(s)
-        low, high = torch.aminmax(logits)
-        clamped = bool(low < -bound) or bool(high > bound)         # rare: skip the clamp otherwise
+        if logits.is_cuda:  # a clamp pass is cheap there; reading min/max back would synchronise
+            clamped = True
+        else:  # rare on the CPU: skip the clamp (and the backward mask) when nothing is outside
+            low, high = torch.aminmax(logits)
+            clamped = bool(low < -bound) or bool(high > bound)
         if clamped:
             logits.clamp_(-bound, bound)
         new_target, derivative = _target_transform(raw_target, angular, additive, eps)
