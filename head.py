@@ -15,7 +15,8 @@ instead of building B x C one-hot matrices and running ``acos``/``cos`` over eve
 the kernel's column normalisation is folded into the same function (no normalised E x C copy).
 
 Layout for later sharding of the class centres (Partial FC): a head is ``class centres`` (the
-``kernel``) + ``cosine_matrix`` + a *margin rule* that only sees target cosines and feature norms.
+``kernel``, passed to :class:`MarginLogits` as an input, so a shard can be passed instead) + a
+*margin rule* (:meth:`MarginHead.target_margins`) that only sees feature norms and the batch size.
 """
 from __future__ import annotations
 
@@ -167,9 +168,9 @@ def column_norms(matrix: torch.Tensor, rows_per_block: int = 32) -> torch.Tensor
 
 
 class MarginHead(nn.Module):
-    """Shared machinery: class centres, cosine matrix, and the in-place margin logits.
+    """Shared machinery: the class centres (``kernel``) and the margin logits of :class:`MarginLogits`.
 
-    Subclasses define :meth:`target_margins`, which maps feature norms and labels to the per-sample
+    Subclasses define :meth:`target_margins`, which maps feature norms to the per-sample
     angular and additive margins applied to the target cosines.
     """
 
@@ -182,11 +183,6 @@ class MarginHead(nn.Module):
         self.kernel = Parameter(init_kernel(embedding_size, classnum))
         self.m = m
         self.s = s
-
-    def cosine_matrix(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``embeddings (B x E) @ unit columns of kernel (E x C)``."""
-        kernel_norm = l2_norm(self.kernel, axis=0)
-        return torch.mm(embeddings, kernel_norm)
 
     def target_margins(self, norms: torch.Tensor,
                        batch_size: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
