@@ -29,10 +29,11 @@ from prettytable import PrettyTable
 from tqdm import tqdm
 
 from utils.cli import run_cli
+from utils.errors import UserError
 from utils.files import write_atomically
-from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
+from utils.image import (IMAGE_EXTENSIONS, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
-from utils.pairsets import PairSetError, bin_to_memfile, memfile_matches
+from utils.pairsets import bin_to_memfile, memfile_matches
 from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_pack_image_keys,
                             image_label, load_face_pack_index, read_face_record, rebuild_index,
                             write_face_pack)
@@ -44,7 +45,7 @@ CHUNK = 256
 INFO_NAME = ".convert_info.json"
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """A conversion cannot proceed (the message says why and what to do)."""
 
 
@@ -412,8 +413,6 @@ def run(args: argparse.Namespace) -> Summary:
     return summary
 
 
-#: What the command line reports as one ``convert.py: error: ...`` line (exit status 1).
-CLI_ERRORS = (ConvertError, RecordIOError, PairSetError, ImageDecodeError, FileNotFoundError, ValueError)
 
 
 def _run(argv: Optional[Sequence[str]]) -> None:
@@ -421,7 +420,7 @@ def _run(argv: Optional[Sequence[str]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(_run, argv, errors=CLI_ERRORS, status=1, prog="convert.py")
+    return run_cli(_run, argv, prog="convert.py")
 
 
 if __name__ == "__main__":

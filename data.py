@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.augment import Augmenter
+from utils.errors import UserError
 from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
                          is_image_file, load_image_file, rgb_to_tensor, swap_red_blue)
 from utils.messages import name_some
@@ -53,15 +54,15 @@ MAX_CONSECUTIVE_BAD_SAMPLES = 100
 TRAINING_SAMPLE_FILE = Path("training_samples") / "sample.jpg"
 
 
-class TrainDataError(ValueError):
+class TrainDataError(UserError, ValueError):
     """The training data (folder, pack or subset file) is missing or malformed."""
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError, ValueError):
     """One training sample cannot be used (unreadable, not decodable, wrong size)."""
 
 
-class MissingPairSetsError(FileNotFoundError):
+class MissingPairSetsError(UserError, FileNotFoundError):
     """Validation pair sets are missing (the message lists every one of them)."""
 
 

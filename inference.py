@@ -41,14 +41,14 @@ from face_alignment.nets import INSTALL_HINT
 from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
 from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
-from utils.checkpoint import CheckpointError, load_pretrained_backbone
+from utils.checkpoint import load_pretrained_backbone
 from utils.cli import run_cli
 from utils.device import resolve_device
 from utils.features import embed_batch
 from utils.fusion import FUSION_METHODS
 from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_image_file
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
-from utils.onnx_export import OnnxExportError, export_and_check
+from utils.onnx_export import export_and_check
 from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
                               default_checkpoint_paths, find_pretrained_checkpoint)
 
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 # of this table; utils.pretrained holds every published file).
 adaface_models: Dict[str, str] = default_checkpoint_paths()
 
-#: What the command line reports as one ``error: ...`` line (exit status 1) instead of a traceback.
-CLI_ERRORS = (CheckpointError, OnnxExportError, ValueError, FileNotFoundError)
 
 DEFAULT_FUSION = "none"  # the published inference.py embeds each face once, without its mirror
 EMBED_BATCH_SIZE = 32
@@ -307,9 +305,9 @@ def _run(argv: Optional[Sequence[str]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit status (0 success, 1 failure: a missing or
+    """Command-line entry point; returns the exit status (0 success, 2 bad input: a missing or
     unfitting checkpoint, missing MTCNN weights, no image or no face, a failed ONNX export)."""
-    return run_cli(_run, argv, errors=CLI_ERRORS, status=1)
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.nn import CrossEntropyLoss
 import head as heads
 import net
 from utils.checkpoint import load_backbone_weights, read_checkpoint
+from utils.errors import UserError
 from utils.evaluate_utils import evaluate_pair_set
 from utils.features import embed_batch
 from utils.pairsets import VAL_SET_NAMES
@@ -26,7 +27,7 @@ from utils.pairsets import VAL_SET_NAMES
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

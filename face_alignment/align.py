@@ -210,8 +210,8 @@ def _run(argv: Optional[Sequence[str]]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m face_alignment.align SRC DST``; a missing folder or MTCNN weights end with one
-    error line and exit status 1."""
-    return run_cli(_run, argv, errors=(FileNotFoundError, ValueError), status=1)
+    error line and exit status 2."""
+    return run_cli(_run, argv)
 
 
 if __name__ == "__main__":

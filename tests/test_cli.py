@@ -25,5 +25,23 @@ def test_user_errors_become_one_line_and_the_status(capsys):
 def test_align_tool_reports_a_missing_folder_without_traceback(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, "-m", "face_alignment.align", str(tmp_path / "missing"),
                            str(tmp_path / "out")], cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: image folder not found: {tmp_path / 'missing'}" in proc.stderr
+
+
+def test_every_project_error_class_is_a_user_error():
+    """Each error class the project defines is reported as one line by every entry point."""
+    import importlib
+    import inspect
+    from utils.cli import USER_ERRORS
+    modules = ["data", "train_val", "convert", "utils.checkpoint", "utils.pretrained", "utils.image",
+               "utils.pairsets", "utils.recordio", "utils.onnx_export", "utils.eval_common"]
+    found = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and issubclass(cls, BaseException):
+                found.append(cls_name)
+                assert issubclass(cls, USER_ERRORS), f"{name}.{cls_name} is not in utils.cli.USER_ERRORS"
+    assert {"CheckpointError", "RecordIOError", "TrainDataError", "ConvertError"} <= set(found)
+    assert run_cli(lambda argv: (_ for _ in ()).throw(PermissionError("/x: permission denied")), []) == 2

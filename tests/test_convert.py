@@ -185,18 +185,18 @@ def test_rebuild_index(dataset):
 
 
 def test_errors_are_reported_cleanly(tmp_path, rng, capsys):
-    assert convert.main(["--rec_path", str(tmp_path / "missing"), "--no_progress"]) == 1
+    assert convert.main(["--rec_path", str(tmp_path / "missing"), "--no_progress"]) == 2
     assert "missing: folder not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert convert.main(["--rec_path", str(tmp_path / "empty"), "--make_validation_memfiles",
-                         "--no_progress"]) == 1
+                         "--no_progress"]) == 2
     assert "no *.bin pair sets found" in capsys.readouterr().err
     folder = tmp_path / "faces" / "0"
     folder.mkdir(parents=True)
     (folder / "small.jpg").write_bytes(encode_jpeg(smooth_face(rng)[:90, :90]))
     assert convert.main(["--make_record", "--image_folder", str(tmp_path / "faces"),
                          "--rec_path", str(tmp_path / "o"), "--num_workers", "1",
-                         "--no_progress"]) == 1
+                         "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert "small.jpg: expected an aligned 112x112" in err
     assert not (tmp_path / "o" / "train.rec").exists()

@@ -106,7 +106,7 @@ def test_missing_checkpoint_message(tmp_path):
 def test_cli_without_checkpoint_exits_nonzero_without_traceback(tmp_path, repo_root):
     proc = subprocess.run([sys.executable, "inference.py", "--pretrained_dir", str(tmp_path)],
                           cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "Download 'adaface_ir50_ms1mv2.ckpt'" in proc.stderr
     assert f"save it as {tmp_path / 'adaface_ir50_ms1mv2.ckpt'}" in proc.stderr
@@ -133,7 +133,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny, tmp_path, capsys):
         inference.load_pretrained_model(ckpt_path=bare)
     with pytest.raises(ValueError, match="--device .tpu. is not a device"):
         inference.load_pretrained_model(ckpt_path=tiny[1], device="tpu")
-    assert inference.main(["--ckpt_path", str(tiny[1]), "--arch", "ir_50"]) == 1
+    assert inference.main(["--ckpt_path", str(tiny[1]), "--arch", "ir_50"]) == 2
     err = capsys.readouterr().err
     assert str(tiny[1]) in err and "Traceback" not in err
 
@@ -245,8 +245,8 @@ def test_cli_prints_matrix_and_norms(tiny, tmp_path, capsys):
 
 def test_cli_reports_bad_image_folder(tiny, tmp_path, capsys):
     args = ["--ckpt_path", str(tiny[1]), "--arch", "ir_tiny"]
-    assert inference.main(args + ["--image_dir", str(tmp_path / "missing")]) == 1
+    assert inference.main(args + ["--image_dir", str(tmp_path / "missing")]) == 2
     assert "image folder not found" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("no images here")
-    assert inference.main(args + ["--image_dir", str(tmp_path)]) == 1
+    assert inference.main(args + ["--image_dir", str(tmp_path)]) == 2
     assert "no image files" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from net import ARCHITECTURE_CONFIG, ARCHITECTURES, build_model, num_units
+from utils.errors import UserError
 from utils.messages import name_some
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 _SAFE_GLOBALS = [argparse.Namespace, collections.Counter, collections.OrderedDict]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the backbone."""
 
 

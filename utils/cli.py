@@ -2,8 +2,9 @@
 
 Entry points (``main.py``, ``convert.py``, ``inference.py``, the evaluation scripts, the
 ``python -m`` tools) print their results. A bad input (a missing file, an unusable option, a
-checkpoint that does not fit) ends with one line ``error: ...`` on stderr and a non-zero exit
-status instead of a traceback; any other exception is a bug and keeps its traceback.
+checkpoint that does not fit, an unwritable output folder) ends with one line ``error: ...`` on
+stderr and exit status :data:`EXIT_BAD_INPUT` (2) instead of a traceback; any other exception is a
+bug and keeps its traceback (exit status 1, Python's own).
 """
 from __future__ import annotations
 
@@ -11,9 +12,19 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence, Tuple, Type
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+#: Exit status of every entry point for bad input (a usage error, as argparse's own).
+EXIT_BAD_INPUT = 2
+
+#: What every entry point reports as one line: the project's own error classes, plus what the
+#: operating system says about the user's paths (missing, unreadable, unwritable, disk full) and
+#: plain ``ValueError`` raised on bad option values.
+USER_ERRORS: Tuple[Type[BaseException], ...] = (UserError, OSError, ValueError)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -27,7 +38,7 @@ def report_error(message: object, prog: Optional[str] = None) -> None:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None,
-            errors: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError), status: int = 2,
+            errors: Tuple[Type[BaseException], ...] = USER_ERRORS, status: int = EXIT_BAD_INPUT,
             prog: Optional[str] = None) -> int:
     """Set up logging and run ``main(argv)``; return 0, or ``status`` after reporting one of the
     user ``errors`` with :func:`report_error` (the traceback goes to the debug log)."""

@@ -392,4 +392,4 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoEvalSet:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, errors=(FileExistsError, ValueError), status=2))
+    sys.exit(run_cli(main))

@@ -39,12 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from face_alignment.similarity import align_face
 from utils import cli
-from utils.checkpoint import CheckpointError, load_pretrained_backbone
+from utils.checkpoint import load_pretrained_backbone
 from utils.device import resolve_device
+from utils.errors import UserError
 from utils.features import extract_features
 from utils.files import write_atomically
 from utils.fusion import FUSION_METHODS
-from utils.image import ImageDecodeError, check_input_size, load_image_file, rgb_to_tensor
+from utils.image import check_input_size, load_image_file, rgb_to_tensor
 from utils.messages import name_some
 from utils.pretrained import PRETRAINED_DIR, PUBLISHED_MODELS, canonical_model_name, published_checkpoint
 
@@ -59,17 +60,16 @@ FEATURES_FORMAT_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """A protocol file, data folder, feature file or option is unusable; the message says which."""
 
 
-class MissingFilesError(FileNotFoundError):
+class MissingFilesError(UserError, FileNotFoundError):
     """Files that the protocol needs are missing (the message names the first few and the count)."""
 
 
 #: The errors a script reports as one line (``error: ...``) instead of a traceback.
-USER_ERRORS = (EvalInputError, MissingFilesError, FileNotFoundError, CheckpointError, ImageDecodeError,
-               ValueError)
+USER_ERRORS = cli.USER_ERRORS
 
 
 def check_files_exist(root: PathLike, rel_paths: Sequence[str], what: str = "images") -> None:
@@ -231,7 +231,7 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
     """Run an evaluation script's ``main``: :data:`USER_ERRORS` become one ``error: ...`` line and exit
     status 2 (:func:`utils.cli.run_cli`)."""
-    return cli.run_cli(main, argv, errors=USER_ERRORS, status=2)
+    return cli.run_cli(main, argv)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 INPUT_SIZE = 112
@@ -31,7 +33,7 @@ STD = 0.5
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image file or byte string could not be decoded."""
 
 

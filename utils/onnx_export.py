@@ -24,6 +24,7 @@ import torch
 from prettytable import PrettyTable
 from torch import nn
 
+from utils.errors import UserError
 from utils.image import INPUT_SIZE
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ NORM_RTOL = 1e-4
 _INSTALL_HINT = "pip install onnx onnxruntime"
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(UserError, RuntimeError):
     """Export failed, a needed package is missing, or the exported file disagrees with PyTorch."""
 
 

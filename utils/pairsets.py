@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
+from utils.errors import UserError
 from utils.files import write_atomically
 from utils.image import (INPUT_SIZE, ImageDecodeError, check_input_size, decode_image_bytes,
                          rgb_to_input_array, swap_red_blue)
@@ -38,7 +39,7 @@ MEMFILE_SHAPE_TAIL = (3, INPUT_SIZE, INPUT_SIZE)
 MEMFILE_DTYPE = "float32"
 
 
-class PairSetError(ValueError):
+class PairSetError(UserError, ValueError):
     """A pair-set file (``.bin`` or memfile) is missing, malformed or inconsistent."""
 
 

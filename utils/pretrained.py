@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from utils.checkpoint import CheckpointError
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ DEFAULT_MODEL_OF_ARCH: Dict[str, str] = {
 DEFAULT_ARCH = "ir_50"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """A model name or architecture that has no published checkpoint."""
 
 

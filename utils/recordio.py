@@ -31,6 +31,7 @@ from typing import Iterable, NamedTuple, Optional, Union
 import numpy as np
 from tqdm import tqdm
 
+from utils.errors import UserError
 from utils.files import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ _MAX_EXACT_FLOAT32_INT = 1 << 24
 LABEL_CACHE_VERSION = 1
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A RecordIO file is missing, malformed or does not hold the requested key."""
 
 
