@@ -13,8 +13,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 import data
 import train_val
-from utils.cli import setup_logging
-from utils.config import get_args
+from utils.cli import run_cli
+from utils.config import ConfigError, get_args
 from utils.report import results_summary
 
 logger = logging.getLogger("main")
@@ -46,7 +46,7 @@ def build_loggers(args) -> List:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise SystemExit("--use_wandb needs the wandb package: pip install wandb")
+            raise ConfigError("--use_wandb needs the wandb package: pip install wandb")
         from pytorch_lightning.loggers import WandbLogger
         loggers.append(WandbLogger(save_dir=args.output_dir, name=os.path.basename(args.output_dir),
                                    project="adaface_face_recognition"))
@@ -56,10 +56,10 @@ def build_loggers(args) -> List:
 def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
     """The ``pl.Trainer`` of the published run, on Lightning 2 (CPU, one GPU, DDP, multi-node)."""
     if args.gpus > 0 and not torch.cuda.is_available():
-        raise SystemExit(f"--gpus {args.gpus} asked for GPUs but CUDA is not available here; "
+        raise ConfigError(f"--gpus {args.gpus} asked for GPUs but CUDA is not available here; "
                          f"use --gpus 0 to train on the CPU")
     if args.gpus == 0 and args.precision == "16-mixed":
-        raise SystemExit("--precision 16-mixed (--use_16bit) needs a GPU; on the CPU use bf16-mixed or 32")
+        raise ConfigError("--precision 16-mixed (--use_16bit) needs a GPU; on the CPU use bf16-mixed or 32")
     world = devices_per_node(args) * args.num_nodes
     strategy = "ddp" if world > 1 else "auto"
     return pl.Trainer(
@@ -82,7 +82,12 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    setup_logging()
+    """Command-line entry point: 0 on success; 2 on bad input or when training stopped on a
+    non-finite loss (one ``error: ...`` line, :func:`utils.cli.run_cli`)."""
+    return run_cli(_run, argv)
+
+
+def _run(argv: Optional[Sequence[str]]) -> None:
     args = get_args(argv)
     if args.demo:
         from utils.demo import prepare_demo_data
@@ -90,8 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     world = devices_per_node(args) * args.num_nodes
     if args.batch_size % world:
-        raise SystemExit(f"--batch_size {args.batch_size} (the total batch) is not divisible by the "
-                         f"{world} training processes")
+        raise ConfigError(f"--batch_size {args.batch_size} (the total batch) is not divisible by the "
+                          f"{world} training processes")
     args.total_batch_size = args.batch_size
     args.batch_size = args.batch_size // world
     if world > 1 and args.gpus > 0:
@@ -110,12 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.evaluate:
         trainer.test(module, datamodule=data_module)
     else:
-        try:
-            trainer.fit(module, datamodule=data_module, ckpt_path=args.resume_from_checkpoint or None)
-        except train_val.NonFiniteLossError as exc:
-            if trainer.is_global_zero:
-                print(f"\nTraining stopped: {exc}", file=sys.stderr)
-            return 2
+        trainer.fit(module, datamodule=data_module, ckpt_path=args.resume_from_checkpoint or None)
         best = checkpoint.best_model_path
         trainer.test(module, datamodule=data_module, ckpt_path=best if best else None)
     if trainer.is_global_zero:
@@ -124,7 +124,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.demo:
             from utils.demo import report_demo
             print(report_demo(args, module))
-    return 0
 
 
 if __name__ == "__main__":

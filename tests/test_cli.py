@@ -45,3 +45,24 @@ def test_every_project_error_class_is_a_user_error():
                 assert issubclass(cls, USER_ERRORS), f"{name}.{cls_name} is not in utils.cli.USER_ERRORS"
     assert {"CheckpointError", "RecordIOError", "TrainDataError", "ConvertError"} <= set(found)
     assert run_cli(lambda argv: (_ for _ in ()).throw(PermissionError("/x: permission denied")), []) == 2
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_reported_by_its_own_message(capsys):
+    """Worker errors come back wrapped in the worker's traceback; the user sees only the message."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from utils.recordio import RecordIOError
+
+    class Broken(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise RecordIOError("/data/train.rec: record 1 is truncated")
+
+    def run(argv):
+        for _ in DataLoader(Broken(), num_workers=1):
+            pass
+    torch.manual_seed(0)
+    assert run_cli(run, []) == 2
+    assert capsys.readouterr().err == "error: /data/train.rec: record 1 is truncated\n"

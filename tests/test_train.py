@@ -190,13 +190,14 @@ def test_seed_readme_command_parses():
     assert os.path.basename(args.output_dir).startswith("run_ir18_ms1mv2_subset_")
 
 
-def test_gpus_without_cuda_is_a_clear_error(tiny_data, tmp_path):
+def test_gpus_without_cuda_is_a_clear_error(tiny_data, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     argv = _argv(tiny_data, tmp_path / "x", "--fast_dev_run")
     argv[argv.index("--gpus") + 1] = "1"
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        main_module.main(argv)
+    assert main_module.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --gpus 1 asked for GPUs but CUDA is not available")
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_data, tmp_path, capsys):

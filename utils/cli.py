@@ -32,6 +32,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
+def user_message(exc: BaseException) -> str:
+    """The user-facing text of ``exc``. An error raised in a DataLoader worker reaches the main
+    process wrapped in the worker's traceback ("Caught X in DataLoader worker process 0. Original
+    Traceback ..."); the message the worker raised is returned instead."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        marker = f"{type(exc).__name__}: "
+        cut = text.rfind(marker)
+        if cut >= 0:
+            text = text[cut + len(marker):]
+    return text.strip()
+
+
 def report_error(message: object, prog: Optional[str] = None) -> None:
     """Write the one line ``[prog: ]error: message`` to stderr (the command line's own output)."""
     print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr)
@@ -47,6 +60,6 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         main(argv)
     except errors as exc:
         logger.debug("details", exc_info=True)
-        report_error(exc, prog)
+        report_error(user_message(exc), prog)
         return status
     return 0

@@ -17,6 +17,7 @@ from time import gmtime, strftime
 from typing import List, Optional, Sequence
 
 from head import HEAD_TYPES
+from utils.errors import UserError
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class ConfigError(UserError, ValueError):
+    """Flags that contradict each other or miss a required companion."""
+
+
 def resolve_precision(args: argparse.Namespace) -> str:
     if args.precision:
         return args.precision
@@ -136,12 +141,12 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         apply_demo_settings(args, parser.parse_args([]))
     args.precision = resolve_precision(args)
     if args.use_16bit and args.precision != "16-mixed":
-        raise SystemExit("--use_16bit contradicts --precision " + args.precision)
+        raise ConfigError("--use_16bit contradicts --precision " + args.precision)
     if args.evaluate and not args.start_from_model_statedict:
-        raise SystemExit("--evaluate needs the checkpoint to evaluate: --start_from_model_statedict X.ckpt")
+        raise ConfigError("--evaluate needs the checkpoint to evaluate: --start_from_model_statedict X.ckpt")
     if args.resume_from_checkpoint:
         if not args.resume_from_checkpoint.endswith(".ckpt"):
-            raise SystemExit(f"--resume_from_checkpoint expects a .ckpt file, got "
+            raise ConfigError(f"--resume_from_checkpoint expects a .ckpt file, got "
                              f"{args.resume_from_checkpoint}")
         args.output_dir = args.output_dir or os.path.dirname(args.resume_from_checkpoint)
     if not args.output_dir:
