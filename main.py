@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from typing import List, Optional, Sequence
 
@@ -84,11 +85,32 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point: 0 on success; 2 on bad input or when training stopped on a
     non-finite loss (one ``error: ...`` line, :func:`utils.cli.run_cli`)."""
-    return run_cli(_run, argv)
+    created: List[str] = []
+    status = 1
+    try:
+        status = run_cli(lambda a: _run(a, created), argv)
+    finally:
+        if status and created:
+            remove_failed_output(created[0])
+    return status
 
 
-def _run(argv: Optional[Sequence[str]]) -> None:
+def remove_failed_output(folder: str) -> None:
+    """Remove the experiment folder that a failed run created, unless it holds a checkpoint (a run
+    stopped on a non-finite loss keeps its last good one). Only the global-rank-0 process removes."""
+    ranks = (os.environ.get(name, "0") for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    if any(rank != "0" for rank in ranks) or not os.path.isdir(folder):
+        return
+    if any(name.endswith(".ckpt") for _, _, names in os.walk(folder) for name in names):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    logger.info("removed %s, which this failed run created", folder)
+
+
+def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> None:
     args = get_args(argv)
+    if created is not None and not os.path.exists(args.output_dir):
+        created.append(args.output_dir)
     if args.demo:
         from utils.demo import prepare_demo_data
         prepare_demo_data(args)

@@ -226,3 +226,23 @@ def test_ddp_two_cpu_processes_gives_the_same_validation_numbers(tiny_data, tmp_
     assert len(keys) == 11
     for key in keys:
         assert results[2][key] == pytest.approx(results[1][key], abs=1e-6), key
+
+
+def test_a_failed_run_leaves_no_experiment_folder(tiny_data, tmp_path, capsys):
+    """Bad input found after the output folder was made (here: a pair set that is not a pair set)
+    ends in one error line, and the folder this run created is removed."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.rmtree(data / "lfw")
+    (data / "lfw_list.npy").unlink()
+    (data / "lfw.bin").write_bytes(b"not a pickle\n")
+    out = tmp_path / "run"
+    assert main_module.main(_argv(data, out, "--fast_dev_run")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and str(data / "lfw.bin") in err[0]
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main_module.main(_argv(data, existing, "--fast_dev_run")) == 2
+    assert existing.is_dir()  # a folder the run did not create is left alone
