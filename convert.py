@@ -346,6 +346,12 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
     identities, samples = list_image_folder(image_folder, stats)
     rec_file = out_dir / "train.rec"
     record_path = out_dir / PACK_RECORD_NAME
+    tmp_rec = out_dir / ".train.rec.tmp"
+    for leftover in (tmp_rec, default_idx_path(tmp_rec)):  # of a killed run
+        if leftover.is_file():
+            logger.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink()
+    remove_temporaries(out_dir, ["identities.tsv", PACK_RECORD_NAME])
     reason = "--overwrite" if overwrite else _pack_change(out_dir, image_folder, samples, stats,
                                                           swap_color_channel)
     if reason is None:
@@ -355,8 +361,6 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
     stamp = source_stamp([p for _, p in samples], base=image_folder, stats=stats,
                          started_ns=started_ns)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_rec = out_dir / ".train.rec.tmp"
-    remove_temporaries(out_dir, ["identities.tsv", PACK_RECORD_NAME])
     tasks = [(path, swap_color_channel) for _, path in samples]
     bar = tqdm(total=len(samples), desc=f"{image_folder.name} -> train.rec", unit="img",
                disable=not show_progress)
