@@ -298,6 +298,10 @@ def test_unwritable_convert_output_is_one_line_naming_the_folder(pack, read_only
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"convert.py: error: {root}: cannot write here")
     assert "permissions" in err[0] and not (root / "imgs").exists()
+    out = root.parent / "new" / "out"                   # the check itself creates nothing
+    assert convert.main(["--make_record", "--image_folder", str(root / "nothing"),
+                         "--rec_path", str(out), "--no_progress"]) == 2
+    assert "image folder not found" in capsys.readouterr().err and not out.parent.exists()
 
     def denied(*args, **kwargs):        # a subfolder refused half-way
         raise PermissionError(13, "Permission denied", str(root / "imgs" / "3"))

@@ -105,11 +105,14 @@ def is_access_error(exc: BaseException) -> bool:
 
 
 def is_writable_folder(path: PathLike) -> bool:
-    """Whether files can be created in ``path`` (created if missing): tried, not guessed from the
-    mode bits, which do not stop root and do not know about read-only mounts."""
-    path = Path(path)
+    """Whether files can be created in ``path`` (or, if it does not exist yet, in the nearest
+    existing folder above it, where it would be created): tried with a probe file, not guessed
+    from the mode bits, which do not stop root and do not know about read-only mounts. Creates
+    nothing that stays."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_probe.", dir=path)
         os.close(fd)
         os.unlink(probe)
