@@ -37,7 +37,7 @@ from utils.files import (interruption_point, is_access_error, is_writable_folder
 from utils.image import (IMAGE_EXTENSIONS, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
 from utils.pairsets import bin_to_memfile, memfile_change
-from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_pack_image_keys,
+from utils.recordio import (RecordReader, default_idx_path, face_pack_image_keys,
                             image_label, load_face_pack_index, read_face_record, rebuild_index,
                             write_face_pack)
 
