@@ -28,7 +28,7 @@ from tests.test_convert import LABELS, smooth_face
 from utils.demo_data import ensure_demo_data, generate_demo_data
 from utils.image import decode_image_bytes, encode_jpeg, encode_png
 from utils.pairsets import memfile_paths, open_memfile, write_pair_bin
-from utils.recordio import RecordReader, read_face_record, write_face_pack
+from utils.recordio import RecordReader, load_face_pack_index, read_face_record, write_face_pack
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = dict(num_train_ids=3, imgs_per_id=2, num_val_ids=3, pairs_per_set=2)
@@ -140,6 +140,17 @@ def test_killed_memfile_conversion_is_redone(pack, tmp_path):
     want = published_input(np.stack([decode_image_bytes(b) for b in pairs[:4]]))
     np.testing.assert_allclose(images, want, atol=1e-6)
     assert issame.tolist() == [True, False]
+
+
+def test_killed_label_cache_write_is_cleaned_up(pack):
+    root, _, _ = pack
+    code = (f"from utils.recordio import load_face_pack_index; "
+            f"load_face_pack_index({str(root / 'train.rec')!r}, show_progress=False)")
+    run_killed(["-c", code], "write_atomically:1")
+    assert len(leftovers(root)) == 1 and not (root / "train.labels.npz").exists()
+    index = load_face_pack_index(root / "train.rec", show_progress=False)
+    assert index.labels.tolist() == LABELS and (root / "train.labels.npz").is_file()
+    assert leftovers(root) == []
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.files import user_cache_dir, write_atomically
+from utils.files import remove_temporaries, user_cache_dir, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -600,8 +600,10 @@ def _load_cached(path: Path, stamp: np.ndarray) -> Optional[FacePackIndex]:
 
 
 def _save_cache(path: Path, index: FacePackIndex, stamp: np.ndarray, rec_path: Path) -> bool:
-    """Write the label cache; False (the caller tries the next place) where the folder refuses it."""
+    """Write the label cache; False (the caller tries the next place) where the folder refuses it.
+    The temporary file of a killed earlier write is removed first."""
     try:
+        remove_temporaries(path.parent, [path.name])
         write_atomically(path, lambda f: np.savez(f, keys=index.keys, labels=index.labels,
                                                   num_classes=index.num_classes, stamp=stamp,
                                                   source=str(rec_path)))
