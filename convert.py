@@ -33,7 +33,8 @@ from tqdm import tqdm
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.files import (interruption_point, is_access_error, is_writable_folder,
-                         remove_temporaries, source_stamp, stamp_change, write_atomically)
+                         remove_temporaries, settled_stamp, source_stamp, stamp_change,
+                         write_atomically)
 from utils.image import (IMAGE_EXTENSIONS, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
 from utils.pairsets import bin_to_memfile, memfile_change
@@ -311,14 +312,14 @@ def _encode_for_pack(task: tuple[Path, bool]) -> bytes:
     return data
 
 
-def _pack_change(out_dir: Path, image_folder: Path, samples: list, stats: list,
+def _pack_change(out_dir: Path, record: dict, image_folder: Path, samples: list, stats: list,
                  swap_color_channel: bool) -> Optional[str]:
-    """Why the pack in ``out_dir`` is not the packing of ``image_folder`` as it is now (a phrase
-    for a log line), or None. One ``stat`` per image (already taken by the listing)."""
+    """Why the pack in ``out_dir`` (made as ``record`` says) is not the packing of
+    ``image_folder`` as it is now (a phrase for a log line), or None. One ``stat`` per image
+    (already taken by the listing)."""
     rec_file = out_dir / "train.rec"
     if not rec_file.is_file():
         return "there is none"
-    record = _read_info(out_dir / PACK_RECORD_NAME)
     if not record:
         return f"it has no {PACK_RECORD_NAME} (not made by --make_record, or interrupted)"
     if record.get("image_folder") != str(image_folder.resolve()):
@@ -352,9 +353,15 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
             logger.info("removing %s, left by an interrupted run", leftover)
             leftover.unlink()
     remove_temporaries(out_dir, ["identities.tsv", PACK_RECORD_NAME])
-    reason = "--overwrite" if overwrite else _pack_change(out_dir, image_folder, samples, stats,
-                                                          swap_color_channel)
+    record = _read_info(record_path)
+    reason = "--overwrite" if overwrite else _pack_change(out_dir, record, image_folder, samples,
+                                                          stats, swap_color_channel)
     if reason is None:
+        settled = settled_stamp(record["source_stamp"], [p for _, p in samples],
+                                base=image_folder, stats=stats)
+        if settled is not None:  # checked by content this time; by a stat from now on
+            write_atomically(record_path, lambda f: f.write(
+                json.dumps({**record, "source_stamp": settled}) + "\n"), text=True)
         return 0, len(samples)
     if reason != "there is none":
         logger.info("rebuilding %s: %s", rec_file, reason)
@@ -391,10 +398,10 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
         "".join(f"{label}\t{name}\n" for label, name in enumerate(identities))), text=True)
     pack_stamp = source_stamp([rec_file, default_idx_path(rec_file)], base=out_dir,
                               hash_racy=False)
-    record = {"image_folder": str(image_folder.resolve()),
-              "swap_color_channel": bool(swap_color_channel), "images": len(samples),
-              "identities": len(identities), "source_stamp": stamp, "pack_stamp": pack_stamp}
-    write_atomically(record_path, lambda f: f.write(json.dumps(record) + "\n"), text=True)
+    made = {"image_folder": str(image_folder.resolve()),
+            "swap_color_channel": bool(swap_color_channel), "images": len(samples),
+            "identities": len(identities), "source_stamp": stamp, "pack_stamp": pack_stamp}
+    write_atomically(record_path, lambda f: f.write(json.dumps(made) + "\n"), text=True)
     load_face_pack_index(rec_file, show_progress=show_progress)  # cache the labels now
     return len(samples), 0
 

@@ -7,6 +7,7 @@ SIGKILLs (or SIGTERMs) itself at the n-th item (:func:`utils.files.interruption_
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -181,7 +182,23 @@ def test_memfile_rebuilt_when_its_bin_is_replaced_and_reused_otherwise(pack, rng
     assert open_memfile(root, "lfw")[1].tolist() == [True, True]
 
 
-def test_make_record_rebuilt_when_an_image_changes_with_the_same_size_and_count(tmp_path, rng):
+def test_a_record_checked_by_content_settles_to_a_stat_check(pack, monkeypatch):
+    root, _, _ = pack
+    dat, conf, _ = memfile_paths(root, "lfw")
+    assert data.ensure_pair_memfiles(root, ["lfw"], show_progress=False) == ["lfw"]
+    assert "content_sha1" in json.loads(conf.read_text())["source_stamp"]   # the .bin was new
+    before = identity(dat)
+    monkeypatch.setattr(files, "RACY_NS", 0)                 # as if the .bin had settled
+    assert data.ensure_pair_memfiles(root, ["lfw"], show_progress=False) == []
+    assert "content_sha1" not in json.loads(conf.read_text())["source_stamp"]
+    hashed: list = []
+    monkeypatch.setattr(files, "_content_sha1", lambda paths: hashed.append(paths) or "")
+    assert data.ensure_pair_memfiles(root, ["lfw"], show_progress=False) == []
+    assert hashed == [] and identity(dat) == before
+
+
+def test_make_record_rebuilt_when_an_image_changes_with_the_same_size_and_count(tmp_path, rng,
+                                                                               monkeypatch):
     folder = tmp_path / "faces"
     for name in ("a", "b"):
         (folder / name).mkdir(parents=True)
@@ -205,6 +222,11 @@ def test_make_record_rebuilt_when_an_image_changes_with_the_same_size_and_count(
     reader = RecordReader(out / "train.rec")
     assert read_face_record(reader, 3)[1] == bytes(changed)
     assert run_convert(*argv) == [(0, 4)]
+    record = out / convert.PACK_RECORD_NAME
+    assert "content_sha1" in json.loads(record.read_text())["source_stamp"]
+    monkeypatch.setattr(files, "RACY_NS", 0)                 # the images settled: stat from now on
+    assert run_convert(*argv) == [(0, 4)]
+    assert "content_sha1" not in json.loads(record.read_text())["source_stamp"]
 
 
 def test_unpacked_folder_rebuilt_when_the_pack_changes(pack, rng, caplog):

@@ -5,7 +5,8 @@
 * :func:`source_stamp` / :func:`stamp_change`: a derived file (memfile, pack, unpacked folder)
   records what it was made from and is rebuilt when that changed. The check costs one ``stat`` per
   source file; only a source modified within :data:`RACY_NS` of the conversion (when its time
-  stamp cannot tell two versions apart) is compared by content hash, as git does for its index.
+  stamp cannot tell two versions apart) is compared by content hash, as git does for its index,
+  until :func:`settled_stamp` replaces that record by a plain one.
 * :func:`user_cache_dir`, :func:`is_writable_folder`: where derived files go when the data
   folder is read-only.
 """
@@ -205,6 +206,18 @@ def stamp_change(stamp: Optional[dict], paths: Sequence[PathLike], base: Optiona
         if stamp["content_sha1"] != _content_sha1(paths):
             return "the contents of its sources changed (same sizes and modification times)"
     return None
+
+
+def settled_stamp(stamp: dict, paths: Sequence[PathLike], base: Optional[PathLike] = None,
+                  stats: Optional[Sequence[os.stat_result]] = None) -> Optional[dict]:
+    """A plain record (no content hash) to store in place of ``stamp`` once its sources, just
+    found unchanged by :func:`stamp_change`, were last modified more than :data:`RACY_NS` ago:
+    from then on a later change shows in the modification time, and checks are a ``stat`` again.
+    None when ``stamp`` holds no hash or the sources are still that recent."""
+    started_ns = time.time_ns()
+    if "content_sha1" not in stamp or int(stamp.get("newest_mtime_ns", 0)) > started_ns - RACY_NS:
+        return None
+    return source_stamp(paths, base, stats, started_ns=started_ns)
 
 
 # ----------------------------------------------------------------------------------------------

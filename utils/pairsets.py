@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.files import (interruption_point, is_access_error, is_writable_folder,
-                         remove_temporaries, source_stamp, stamp_change, user_cache_dir,
-                         write_atomically)
+                         remove_temporaries, settled_stamp, source_stamp, stamp_change,
+                         user_cache_dir, write_atomically)
 from utils.image import (INPUT_SIZE, ImageDecodeError, check_input_size, decode_image_bytes,
                          rgb_to_input_array, swap_red_blue)
 
@@ -277,9 +277,11 @@ def memfile_change(root: PathLike, name: str, bin_path: Optional[PathLike] = Non
     line), or None when it is complete, made with this colour setting and from ``bin_path`` as it
     is now (when given and present).
 
-    The check is a ``stat`` of the ``.bin`` (:func:`utils.files.stamp_change`). Memfiles that
-    record no source (the original AdaFace code's, or older ones of this project) count as made
-    without the swap, and as stale only when the ``.bin`` is newer than their ``.conf``.
+    The check is a ``stat`` of the ``.bin`` (:func:`utils.files.stamp_change`); a record that
+    needed a content hash (the ``.bin`` was new at conversion) is replaced, where the folder can
+    be written, by a plain one once the ``.bin`` settled. Memfiles that record no source (the
+    original AdaFace code's, or older ones of this project) count as made without the swap, and
+    as stale only when the ``.bin`` is newer than their ``.conf``.
     """
     _, conf, _ = memfile_paths(root, name)
     try:
@@ -300,7 +302,15 @@ def memfile_change(root: PathLike, name: str, bin_path: Optional[PathLike] = Non
         if bin_path.stat().st_mtime_ns > conf.stat().st_mtime_ns:
             return f"{bin_path.name} is newer than the memfile"
         return None
-    return stamp_change(config["source_stamp"], [bin_path], base=bin_path.parent)
+    reason = stamp_change(config["source_stamp"], [bin_path], base=bin_path.parent)
+    settled = settled_stamp(config["source_stamp"], [bin_path], base=bin_path.parent)
+    if reason is None and settled is not None:
+        try:
+            write_atomically(conf, lambda f: f.write(json.dumps(
+                {**config, "source_stamp": settled}).encode("utf-8")))
+        except OSError as exc:  # a read-only folder keeps checking by content
+            logger.debug("could not update %s (%s)", conf, exc)
+    return reason
 
 
 def memfile_matches(root: PathLike, name: str, swap_color_channel: bool = False,
