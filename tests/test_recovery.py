@@ -323,6 +323,24 @@ def test_read_only_pair_sets_are_converted_into_the_cache(pack, tmp_path, monkey
     assert identity(dat) == stamp
 
 
+def test_stale_memfile_in_a_read_only_folder_is_rebuilt_in_the_cache(pack, tmp_path, rng,
+                                                                      monkeypatch, read_only):
+    root, _, _ = pack
+    monkeypatch.setenv("ADAFACE_CACHE", str(tmp_path / "cache"))
+    data.ensure_pair_memfiles(root, ["lfw"], show_progress=False)
+    new = [encode_png(smooth_face(rng)) for _ in range(4)]
+    write_pair_bin(root / "lfw.bin", new, [False, True])    # replaced, then the folder locked
+    stale = identity(memfile_paths(root, "lfw")[0])
+    read_only(root)
+    assert data.ensure_pair_memfiles(root, ["lfw"], show_progress=False) == ["lfw"]
+    assert identity(memfile_paths(root, "lfw")[0]) == stale
+    dataset = data.ValidationPairDataset(root, ["lfw"])
+    want = published_input(np.stack([decode_image_bytes(b) for b in new]))
+    np.testing.assert_allclose(np.stack([dataset[i][0].numpy() for i in range(4)]), want,
+                               atol=1e-6)
+    assert dataset.issame(0).tolist() == [False, True]
+
+
 def test_unwritable_convert_output_is_one_line_naming_the_folder(pack, read_only, capsys,
                                                                  monkeypatch):
     root, _, _ = pack
