@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import textwrap
 import time
@@ -25,16 +26,19 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 from prettytable import PrettyTable
 from tqdm import tqdm
 
 from utils.cli import run_cli
 from utils.errors import UserError
-from utils.files import write_atomically
+from utils.files import (interruption_point, is_access_error, is_writable_folder,
+                         remove_temporaries, settled_stamp, source_stamp, stamp_change,
+                         write_atomically)
 from utils.image import (IMAGE_EXTENSIONS, check_input_size, decode_image_bytes,
                          encode_jpeg, is_image_file, swap_red_blue)
-from utils.pairsets import bin_to_memfile, memfile_matches
-from utils.recordio import (RecordIOError, RecordReader, default_idx_path, face_pack_image_keys,
+from utils.pairsets import bin_to_memfile, memfile_change
+from utils.recordio import (RecordReader, default_idx_path, face_pack_image_keys,
                             image_label, load_face_pack_index, read_face_record, rebuild_index,
                             write_face_pack)
 
@@ -43,6 +47,8 @@ logger = logging.getLogger("convert")
 SWAPPED_JPEG_QUALITY = 100
 CHUNK = 256
 INFO_NAME = ".convert_info.json"
+PACK_RECORD_NAME = "train.source.json"
+_OUR_IMAGE_NAME = re.compile(r"^(\d+)\.(jpg|png)$")
 
 
 class ConvertError(UserError):
@@ -120,54 +126,98 @@ def _unpack_chunk(keys: Sequence[int]) -> tuple[int, int]:
     return written, skipped
 
 
-def _check_settings(info_path: Path, settings: dict, overwrite: bool) -> bool:
-    """Refuse to mix outputs made with different colour settings in one folder.
-
-    Returns whether the settings file may be written now; after an ``--overwrite`` with other
-    settings it is written only once every file has been rewritten.
-    """
+def _read_info(info_path: Path) -> dict:
     try:
-        previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     except ValueError:
-        previous = {}
-    same = previous.get("swap_color_channel") in (None, settings["swap_color_channel"])
-    if not same and not overwrite:
+        info = {}
+    return info if isinstance(info, dict) else {}
+
+
+def _write_info(info_path: Path, info: dict) -> None:
+    write_atomically(info_path, lambda f: f.write(json.dumps(info) + "\n"), text=True)
+
+
+def _unpack_mode(info_path: Path, previous: dict, swap: bool, sources: list[Path],
+                 overwrite: bool) -> Optional[str]:
+    """How to treat the files already in the folder: None (keep the complete ones),
+    ``"rewrite"`` (rewrite every file) or ``"rebuild"`` (the pack changed: rewrite every file
+    and remove those it no longer holds). Refuses to mix colour settings without --overwrite."""
+    if not previous:
+        return "rewrite" if overwrite else None
+    if previous.get("swap_color_channel") not in (None, swap) and not overwrite:
         raise ConvertError(
             f"{info_path.parent} was written with swap_color_channel="
             f"{previous['swap_color_channel']}; rerun with the same setting, or add "
             f"--overwrite to rewrite every file")
-    return same
+    if previous.get("mode") == "rebuild":
+        logger.info("%s: continuing the interrupted rebuild", info_path.parent)
+        return "rebuild"
+    if "source_stamp" in previous:
+        reason = stamp_change(previous["source_stamp"], sources, base=sources[0].parent)
+        if reason is not None:
+            logger.info("rebuilding %s: %s", info_path.parent, reason)
+            return "rebuild"
+    if overwrite or previous.get("mode") == "rewrite":
+        return "rewrite"
+    return None
 
 
-def _write_settings(info_path: Path, settings: dict) -> None:
-    info_path.parent.mkdir(parents=True, exist_ok=True)
-    info_path.write_text(json.dumps(settings) + "\n")
+def _prune(out_dir: Path, keys: np.ndarray, labels: np.ndarray) -> int:
+    """Remove the image files named like ours (``<label>/<key>.jpg|png``) that the pack does not
+    hold under that label any more, and label folders left empty; returns how many files."""
+    label_of = dict(zip(keys.tolist(), labels.tolist()))
+    removed = 0
+    for folder in (p for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        for path in folder.iterdir():
+            match = _OUR_IMAGE_NAME.match(path.name)
+            if match and label_of.get(int(match.group(1))) != int(folder.name):
+                path.unlink()
+                removed += 1
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if removed:
+        logger.info("removed %d image file(s) of %s that the pack no longer holds", removed, out_dir)
+    return removed
 
 
 def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
                      overwrite: bool = False, show_progress: bool = True) -> tuple[int, int]:
-    """Unpack ``<rec_path>/train.rec`` into ``<rec_path>/imgs/<label>/<key>.jpg``."""
+    """Unpack ``<rec_path>/train.rec`` into ``<rec_path>/imgs/<label>/<key>.jpg``.
+
+    ``imgs/.convert_info.json`` records the pack (:func:`utils.files.source_stamp` of
+    ``train.rec`` and ``train.idx``), the colour setting and whether the run finished. A rerun
+    resumes (complete files are kept, the temporaries a killed run left removed); after the pack
+    changed, every file is rewritten and those the pack no longer holds are removed.
+    """
     rec_file = rec_path / "train.rec"
+    sources = [rec_file, default_idx_path(rec_file)]
+    stamp_now = source_stamp(sources, base=rec_path, hash_racy=False)
     reader = RecordReader(rec_file)
     keys = face_pack_image_keys(reader).tolist()
     out_dir = rec_path / "imgs"
     info_path = out_dir / INFO_NAME
-    settings = {"source": str(rec_file.resolve()), "swap_color_channel": bool(swap_color_channel)}
-    write_settings_now = _check_settings(info_path, settings, overwrite)
-    if write_settings_now:
-        _write_settings(info_path, settings)
+    previous = _read_info(info_path)
+    mode = _unpack_mode(info_path, previous, bool(swap_color_channel), sources, overwrite)
+    if out_dir.is_dir() and not previous.get("complete", False):
+        for folder in [out_dir] + [p for p in out_dir.iterdir() if p.is_dir()]:
+            remove_temporaries(folder)
+    info = {"source": str(rec_file.resolve()), "swap_color_channel": bool(swap_color_channel),
+            "source_stamp": stamp_now, "mode": mode, "complete": False}
+    _write_info(info_path, info)
     written = skipped = 0
     bar = tqdm(total=len(keys), desc="train.rec -> imgs/", unit="img", disable=not show_progress)
     chunks = list(_chunks(keys, CHUNK))
+    rewrite = mode is not None
     try:
         if num_workers > 1 and len(chunks) > 1:
             with Pool(num_workers, initializer=_init_unpack,
-                      initargs=(reader, out_dir, swap_color_channel, overwrite)) as pool:
+                      initargs=(reader, out_dir, swap_color_channel, rewrite)) as pool:
                 for (w, s), chunk in zip(pool.imap(_unpack_chunk, chunks), chunks):
                     written, skipped = written + w, skipped + s
                     bar.update(len(chunk))
         else:
-            _init_unpack(reader, out_dir, swap_color_channel, overwrite)
+            _init_unpack(reader, out_dir, swap_color_channel, rewrite)
             for chunk in chunks:
                 w, s = _unpack_chunk(chunk)
                 written, skipped = written + w, skipped + s
@@ -175,8 +225,10 @@ def make_image_files(rec_path: Path, swap_color_channel: bool, num_workers: int,
     finally:
         bar.close()
         reader.close()
-    if not write_settings_now:
-        _write_settings(info_path, settings)
+    if mode == "rebuild":
+        index = load_face_pack_index(rec_file, show_progress=show_progress)
+        _prune(out_dir, index.keys, index.labels)
+    _write_info(info_path, {**info, "mode": None, "complete": True})
     return written, skipped
 
 
@@ -190,13 +242,20 @@ def find_pair_bins(rec_path: Path) -> list[Path]:
 def make_validation_memfiles(rec_path: Path, swap_color_channel: bool, num_workers: int,
                              overwrite: bool = False,
                              show_progress: bool = True) -> tuple[list[str], list[str]]:
-    """Turn every ``*.bin`` in ``rec_path`` into ``<rec_path>/<name>/memfile``; (written, skipped)."""
+    """Turn every ``*.bin`` in ``rec_path`` into ``<rec_path>/<name>/memfile``; (written, skipped).
+
+    A complete memfile made from the ``.bin`` as it is now, with this colour setting, is kept;
+    any other is rebuilt, with a log line saying why."""
     written, skipped = [], []
     for bin_path in find_pair_bins(rec_path):
         name = bin_path.name.split(".")[0]
-        if not overwrite and memfile_matches(rec_path, name, swap_color_channel):
+        reason = "--overwrite" if overwrite else memfile_change(rec_path, name, bin_path,
+                                                                swap_color_channel)
+        if reason is None:
             skipped.append(name)
             continue
+        if reason != "there is none":
+            logger.info("rebuilding the memfile of %s: %s", bin_path, reason)
         bin_to_memfile(bin_path, rec_path, name=name, swap_color_channel=swap_color_channel,
                        show_progress=show_progress, num_workers=num_workers)
         written.append(name)
@@ -213,9 +272,11 @@ def _sorted_names(items: list, key) -> list:
     return sorted(items, key=key)
 
 
-def list_image_folder(image_folder: Path) -> tuple[list[str], list[tuple[int, Path]]]:
+def list_image_folder(image_folder: Path, stats: Optional[list] = None
+                      ) -> tuple[list[str], list[tuple[int, Path]]]:
     """Identities and their image files, both sorted by name (numerically when every name is an
-    integer, so that a folder written by ``--make_image_files`` packs back to the same labels)."""
+    integer, so that a folder written by ``--make_image_files`` packs back to the same labels).
+    A ``stats`` list receives each file's ``os.stat_result`` (one ``stat`` per file)."""
     if not image_folder.is_dir():
         raise ConvertError(f"{image_folder}: image folder not found")
     names = _sorted_names([p.name for p in image_folder.iterdir()
@@ -223,14 +284,17 @@ def list_image_folder(image_folder: Path) -> tuple[list[str], list[tuple[int, Pa
     samples: list[tuple[int, Path]] = []
     identities: list[str] = []
     for name in names:
-        files = _sorted_names([p for p in (image_folder / name).iterdir()
-                               if is_image_file(p) and p.is_file()], key=lambda p: p.stem)
-        if not files:
+        with os.scandir(image_folder / name) as it:
+            entries = _sorted_names([e for e in it if is_image_file(e.name) and e.is_file()],
+                                    key=lambda e: Path(e.name).stem)
+        if not entries:
             logger.warning("%s: no images, identity skipped", image_folder / name)
             continue
         label = len(identities)
         identities.append(name)
-        samples.extend((label, f) for f in files)
+        samples.extend((label, Path(e.path)) for e in entries)
+        if stats is not None:
+            stats.extend(e.stat() for e in entries)
     if not samples:
         raise ConvertError(f"{image_folder}: no identity subfolders with images "
                            f"({', '.join(IMAGE_EXTENSIONS)})")
@@ -248,26 +312,62 @@ def _encode_for_pack(task: tuple[Path, bool]) -> bytes:
     return data
 
 
-def _pack_exists(rec_file: Path, num_images: int, num_classes: int) -> bool:
-    if not (rec_file.is_file() and default_idx_path(rec_file).is_file()):
-        return False
-    try:
-        reader = RecordReader(rec_file)
-        keys = face_pack_image_keys(reader)
-        return keys.size == num_images and len(reader) == num_images + num_classes + 1
-    except RecordIOError:
-        return False
+def _pack_change(out_dir: Path, record: dict, image_folder: Path, samples: list, stats: list,
+                 swap_color_channel: bool) -> Optional[str]:
+    """Why the pack in ``out_dir`` (made as ``record`` says) is not the packing of
+    ``image_folder`` as it is now (a phrase for a log line), or None. One ``stat`` per image
+    (already taken by the listing)."""
+    rec_file = out_dir / "train.rec"
+    if not rec_file.is_file():
+        return "there is none"
+    if not record:
+        return f"it has no {PACK_RECORD_NAME} (not made by --make_record, or interrupted)"
+    if record.get("image_folder") != str(image_folder.resolve()):
+        return f"it was made from {record.get('image_folder')}"
+    if record.get("swap_color_channel") != bool(swap_color_channel):
+        return f"it was made with swap_color_channel={record.get('swap_color_channel')}"
+    pack_files = [rec_file, default_idx_path(rec_file)]
+    reason = stamp_change(record.get("pack_stamp"), pack_files, base=out_dir)
+    if reason is not None:
+        return reason
+    return stamp_change(record.get("source_stamp"), [p for _, p in samples], base=image_folder,
+                        stats=stats)
 
 
 def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num_workers: int,
                 overwrite: bool = False, show_progress: bool = True) -> tuple[int, int]:
-    """Pack ``image_folder`` (one subfolder per identity) into ``out_dir/train.rec`` + ``.idx``."""
-    identities, samples = list_image_folder(image_folder)
+    """Pack ``image_folder`` (one subfolder per identity) into ``out_dir/train.rec`` + ``.idx``.
+
+    ``train.source.json`` beside the pack records the images it was made from (names, sizes,
+    modification times; a content hash for images modified just before) and is written last:
+    a rerun reuses the pack only if the folder is unchanged, and redoes an interrupted one.
+    """
+    stats: list = []
+    started_ns = time.time_ns()
+    identities, samples = list_image_folder(image_folder, stats)
     rec_file = out_dir / "train.rec"
-    if not overwrite and _pack_exists(rec_file, len(samples), len(identities)):
-        return 0, len(samples)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    record_path = out_dir / PACK_RECORD_NAME
     tmp_rec = out_dir / ".train.rec.tmp"
+    for leftover in (tmp_rec, default_idx_path(tmp_rec)):  # of a killed run
+        if leftover.is_file():
+            logger.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink()
+    remove_temporaries(out_dir, ["identities.tsv", PACK_RECORD_NAME])
+    record = _read_info(record_path)
+    reason = "--overwrite" if overwrite else _pack_change(out_dir, record, image_folder, samples,
+                                                          stats, swap_color_channel)
+    if reason is None:
+        settled = settled_stamp(record["source_stamp"], [p for _, p in samples],
+                                base=image_folder, stats=stats)
+        if settled is not None:  # checked by content this time; by a stat from now on
+            write_atomically(record_path, lambda f: f.write(
+                json.dumps({**record, "source_stamp": settled}) + "\n"), text=True)
+        return 0, len(samples)
+    if reason != "there is none":
+        logger.info("rebuilding %s: %s", rec_file, reason)
+    stamp = source_stamp([p for _, p in samples], base=image_folder, stats=stats,
+                         started_ns=started_ns)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tasks = [(path, swap_color_channel) for _, path in samples]
     bar = tqdm(total=len(samples), desc=f"{image_folder.name} -> train.rec", unit="img",
                disable=not show_progress)
@@ -275,6 +375,7 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
     def payloads(encoded: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
         for (label, _), data in zip(samples, encoded):
             bar.update()
+            interruption_point("make_record")
             yield label, data
 
     try:
@@ -290,10 +391,17 @@ def make_record(image_folder: Path, out_dir: Path, swap_color_channel: bool, num
         raise
     finally:
         bar.close()
+    record_path.unlink(missing_ok=True)  # the pack is incomplete until the record is back
     os.replace(default_idx_path(tmp_rec), default_idx_path(rec_file))
     os.replace(tmp_rec, rec_file)
-    (out_dir / "identities.tsv").write_text(
-        "".join(f"{label}\t{name}\n" for label, name in enumerate(identities)))
+    write_atomically(out_dir / "identities.tsv", lambda f: f.write(
+        "".join(f"{label}\t{name}\n" for label, name in enumerate(identities))), text=True)
+    pack_stamp = source_stamp([rec_file, default_idx_path(rec_file)], base=out_dir,
+                              hash_racy=False)
+    made = {"image_folder": str(image_folder.resolve()),
+            "swap_color_channel": bool(swap_color_channel), "images": len(samples),
+            "identities": len(identities), "source_stamp": stamp, "pack_stamp": pack_stamp}
+    write_atomically(record_path, lambda f: f.write(json.dumps(made) + "\n"), text=True)
     load_face_pack_index(rec_file, show_progress=show_progress)  # cache the labels now
     return len(samples), 0
 
@@ -312,7 +420,10 @@ EPILOG = "\n\n".join(textwrap.fill(paragraph, 79) for paragraph in (
     "each image is decoded, swapped and re-encoded as JPEG (quality 100) before packing. Do "
     "not use it on the public releases.",
     "Rerunning skips finished outputs (image files of the right size, complete memfiles, an "
-    "existing complete pack or index); --overwrite redoes them.",
+    "existing complete pack or index) and removes the temporary files of an interrupted run; "
+    "an output whose source changed since it was made (another train.rec, a replaced .bin, "
+    "an image of --image_folder added, removed or rewritten) is rebuilt; --overwrite redoes "
+    "everything.",
 ))
 
 
@@ -353,7 +464,27 @@ def _resolve_rec_file(path: Path) -> Path:
     return path / "train.rec" if path.is_dir() else path
 
 
+def _require_writable(folder: Path) -> None:
+    """One clear error before any work when ``folder`` (created if missing) cannot be written."""
+    if not is_writable_folder(folder):
+        raise ConvertError(f"{folder}: cannot write here (permission denied or read-only file "
+                           f"system); fix the folder's permissions, or copy the input into a "
+                           f"writable folder and give that as --rec_path")
+
+
 def run(args: argparse.Namespace) -> Summary:
+    """Run the steps that ``args`` ask for; an unwritable output is one :class:`ConvertError`
+    naming the path."""
+    try:
+        return _run_steps(args)
+    except OSError as exc:
+        if not is_access_error(exc):
+            raise
+        raise ConvertError(f"{exc.filename or args.rec_path}: cannot write ({exc.strerror}); fix "
+                           f"the permissions, or give a writable --rec_path") from exc
+
+
+def _run_steps(args: argparse.Namespace) -> Summary:
     summary = Summary()
     progress = not args.no_progress
     workers = max(1, int(args.num_workers))
@@ -365,12 +496,14 @@ def run(args: argparse.Namespace) -> Summary:
             count = len(RecordReader(rec_file))
             summary.add(f"index {idx_file.name} (exists)", 0, count, time.time() - start)
         else:
+            _require_writable(idx_file.parent)
             count = rebuild_index(rec_file, show_progress=progress)
             summary.add(f"index {idx_file.name}", count, 0, time.time() - start)
         return summary
     if args.make_record:
         if args.image_folder is None:
             raise ConvertError("--make_record needs --image_folder DIR")
+        _require_writable(args.rec_path)
         start = time.time()
         written, skipped = make_record(args.image_folder, args.rec_path, args.swap_color_channel,
                                        workers, overwrite=args.overwrite, show_progress=progress)
@@ -398,6 +531,7 @@ def run(args: argparse.Namespace) -> Summary:
         do_memfiles = False
     if not (do_images or do_memfiles):
         raise ConvertError(f"{rec_path}: neither train.rec nor *.bin files found")
+    _require_writable(rec_path)
     if do_images:
         start = time.time()
         written, skipped = make_image_files(rec_path, args.swap_color_channel, workers,

@@ -7,7 +7,8 @@ Layout (the published arguments; ``<dir>`` = ``<data_root>/<train_data_path>``):
                                              is used when it has no ``imgs`` folder)
     <data_root>/<val_data_path>/<set>/memfile/mem_file.dat, <set>_list.npy
                                              validation pair sets (memfiles; a ``<set>.bin`` there
-                                             is converted on the fly when its memfile is missing)
+                                             is converted on the fly when its memfile is missing
+                                             or older, into the user cache if read-only)
 
 Every training image is decoded to RGB (``utils.image``), red and blue are exchanged when
 ``swap_color_channel`` (for sources whose files hold them swapped), then augmented
@@ -38,7 +39,8 @@ from utils.errors import UserError
 from utils.image import (IMAGE_EXTENSIONS, ImageDecodeError, check_input_size, decode_image_bytes,
                          is_image_file, load_image_file, rgb_to_tensor, swap_red_blue)
 from utils.messages import name_some
-from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, memfile_exists, open_memfile
+from utils.pairsets import (VAL_SET_NAMES, ensure_memfile, locate_memfile, memfile_exists,
+                            open_memfile)
 from utils.recordio import (RecordIOError, RecordReader, load_face_pack_index,
                             read_face_record)
 
@@ -340,7 +342,9 @@ def find_missing_pair_sets(root: PathLike, names: Sequence[str]) -> List[str]:
 
 def ensure_pair_memfiles(root: PathLike, names: Sequence[str], show_progress: bool = True
                          ) -> List[str]:
-    """Convert ``<root>/<name>.bin`` to a memfile wherever the memfile is missing.
+    """Give every pair set an up-to-date memfile: ``<root>/<name>.bin`` is converted where its
+    memfile is missing or older than the ``.bin`` (a log line says why), into the user cache
+    when ``root`` is read-only (:func:`utils.pairsets.ensure_memfile`).
 
     Raises :class:`MissingPairSetsError` listing every set that has neither. Returns the names
     that were converted.
@@ -354,10 +358,11 @@ def ensure_pair_memfiles(root: PathLike, names: Sequence[str], show_progress: bo
             f"{root / '<set>.bin'}")
     converted = []
     for name in names:
-        if not memfile_exists(root, name):
-            logger.info("converting %s to a memfile", root / f"{name}.bin")
-            bin_to_memfile(root / f"{name}.bin", root, name, show_progress=show_progress)
-            converted.append(name)
+        if (root / f"{name}.bin").is_file():
+            _, done = ensure_memfile(root / f"{name}.bin", root, name,
+                                     show_progress=show_progress)
+            if done:
+                converted.append(name)
     return converted
 
 
@@ -373,16 +378,18 @@ class ValidationPairDataset(Dataset):
         self.root = Path(root)
         self.set_names = tuple(set_names)
         missing = find_missing_pair_sets(self.root, self.set_names)
-        missing += [n for n in self.set_names if n not in missing
-                    and not memfile_exists(self.root, n)]
+        # each set's up-to-date memfile: beside its .bin, or in the cache for read-only data
+        self._memfile_roots = {n: locate_memfile(self.root, n) for n in self.set_names
+                               if n not in missing}
+        missing += [n for n, where in self._memfile_roots.items() if where is None]
         if missing:
-            raise MissingPairSetsError(f"{self.root}: no memfile for pair set(s) "
-                                       f"{', '.join(missing)} (DataModule.prepare_data converts "
-                                       f"<set>.bin files)")
+            raise MissingPairSetsError(f"{self.root}: no up-to-date memfile for pair set(s) "
+                                       f"{', '.join(missing)} (data.ensure_pair_memfiles "
+                                       f"converts <set>.bin files)")
         sizes, issame_per_image, set_per_image = [], [], []
         self._issame: Dict[int, np.ndarray] = {}
         for k, name in enumerate(self.set_names):
-            images, issame = open_memfile(self.root, name)
+            images, issame = open_memfile(self._memfile_roots[name], name)
             sizes.append(len(images))
             self._issame[k] = np.asarray(issame, dtype=bool)
             issame_per_image.append(np.repeat(self._issame[k], 2))
@@ -408,7 +415,7 @@ class ValidationPairDataset(Dataset):
 
     def _arrays(self) -> List[np.memmap]:
         if self._memmaps is None:
-            self._memmaps = [open_memfile(self.root, n)[0] for n in self.set_names]
+            self._memmaps = [open_memfile(self._memfile_roots[n], n)[0] for n in self.set_names]
         return self._memmaps
 
     def __getitem__(self, index: int):

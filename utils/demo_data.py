@@ -14,6 +14,12 @@
                                     contrast, quality_score) and nuisance values (pose, age, ...)
       meta.json                     seed, parameters, counts, version
 
+While it is written the folder holds ``.demo_data_in_progress`` (the parameters): the next run
+of :func:`ensure_demo_data` / :func:`generate_demo_data` after a killed one finds it, removes what
+the killed run wrote (only the generator's own files, never a folder it did not write) and
+generates again. A complete set is reused while ``meta.json`` matches the parameters; otherwise
+it is generated again, with a log line saying why.
+
 Train with ``--data_root DIR --train_data_path . --val_data_path .`` (or, as with the public
 packs, ``--data_root <parent of DIR> --train_data_path <DIR name> --val_data_path <DIR name>``);
 add ``--use_mxrecord`` to read ``train.rec`` instead of ``imgs/``.
@@ -56,6 +62,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.files import interruption_point, remove_temporaries, write_atomically
 from utils.image import INPUT_SIZE, encode_jpeg
 from utils.pairsets import VAL_SET_NAMES, bin_to_memfile, write_pair_bin
 from utils.recordio import write_face_pack
@@ -65,6 +72,7 @@ logger = logging.getLogger(__name__)
 DEMO_DATA_VERSION = 2
 JPEG_QUALITY = 95
 META_FILE = "meta.json"
+IN_PROGRESS_FILE = ".demo_data_in_progress"
 QUALITY_FILE = "quality.csv"
 IMAGE_FOLDER = "imgs"
 
@@ -620,6 +628,7 @@ def _render_train(params: dict, bank: IdentityBank, image_folder: Optional[Path]
                                      info))
             key += 1
             bar.update(1)
+            interruption_point("demo_data")
             yield label, jpeg
     bar.close()
 
@@ -662,31 +671,42 @@ def _render_pair_set(name: str, params: dict, val_ids: List[IdentityParams], row
     return images, issame
 
 
+def _set_names_in(path: Path) -> List[str]:
+    """The pair-set names recorded in a ``meta.json`` or in-progress marker (none if unreadable)."""
+    try:
+        names = json.loads(path.read_text()).get("params", {}).get("set_names", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in names if isinstance(n, str) and n and "/" not in n and n != ".."]
+
+
 def _clear_previous_outputs(out_dir: Path) -> None:
-    """Remove what an earlier generation left (only our own file names)."""
-    meta_path = out_dir / META_FILE
+    """Remove what an earlier generation left, complete (``meta.json``) or killed (the
+    in-progress marker): only the generator's own file names. An image folder with neither is
+    someone else's and is refused."""
+    meta_path, marker = out_dir / META_FILE, out_dir / IN_PROGRESS_FILE
     folder = out_dir / IMAGE_FOLDER
+    if folder.exists() and not meta_path.is_file() and not marker.is_file():
+        raise FileExistsError(f"{out_dir}: has an '{IMAGE_FOLDER}' folder but no {META_FILE}; "
+                              f"refusing to overwrite data that demo_data did not write (choose "
+                              f"another output folder)")
+    if marker.is_file():
+        logger.info("%s: removing what an interrupted demo-data generation left", out_dir)
     if folder.exists():
-        if not meta_path.is_file():
-            raise FileExistsError(f"{out_dir}: has an '{IMAGE_FOLDER}' folder but no {META_FILE}; "
-                                  f"refusing to overwrite data that demo_data did not write")
         shutil.rmtree(folder)
-    if meta_path.is_file():
-        try:
-            old = json.loads(meta_path.read_text())
-            names = old.get("params", {}).get("set_names", [])
-        except (OSError, ValueError):
-            names = []
-        for name in names:
-            for stale in (out_dir / name, out_dir / f"{name}_list.npy", out_dir / f"{name}.bin"):
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-                elif stale.exists():
-                    stale.unlink()
-        meta_path.unlink()
-    for stale in ("train.rec", "train.idx", "train.labels.npz", QUALITY_FILE):
-        if (out_dir / stale).exists():
-            (out_dir / stale).unlink()
+    names = list(dict.fromkeys(_set_names_in(meta_path) + _set_names_in(marker)))
+    for name in names:
+        for stale in (out_dir / name, out_dir / f"{name}_list.npy", out_dir / f"{name}.bin"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+    ours = ["train.rec", "train.idx", "train.labels.npz", QUALITY_FILE, META_FILE]
+    for stale in ours:
+        (out_dir / stale).unlink(missing_ok=True)
+    remove_temporaries(out_dir, ours + [IN_PROGRESS_FILE] + [f"{n}.bin" for n in names]
+                       + [f"{n}_list.npy" for n in names])
+    marker.unlink(missing_ok=True)
 
 
 def generate_demo_data(out_dir: PathLike, seed: int = 0,
@@ -706,6 +726,8 @@ def generate_demo_data(out_dir: PathLike, seed: int = 0,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_outputs(out_dir)
+    marker = out_dir / IN_PROGRESS_FILE
+    write_atomically(marker, lambda f: f.write(json.dumps({"params": params}) + "\n"), text=True)
     paths = _output_paths(out_dir, params)
     start = time.perf_counter()
     bank = IdentityBank(seed)
@@ -735,30 +757,34 @@ def generate_demo_data(out_dir: PathLike, seed: int = 0,
             "files": sorted(p.relative_to(out_dir).as_posix() for p in _required_files(paths)),
             "usage": "--data_root <this folder> --train_data_path . --val_data_path . "
                      "[--use_mxrecord]"}
-    paths["meta"].write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_atomically(paths["meta"], lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True)
+                                                      + "\n"), text=True)
+    marker.unlink()
     elapsed = time.perf_counter() - start
     logger.info("demo data written to %s in %.1f s (%d training images, %d pair sets)", out_dir,
                 elapsed, num_images, len(paths["bins"]))
     return {**paths, "params": params, "counts": counts, "seconds": elapsed, "generated": True}
 
 
-def _existing_matches(out_dir: Path, params: dict) -> Optional[dict]:
+def _existing_matches(out_dir: Path, params: dict) -> Tuple[Optional[dict], str]:
+    """The complete set in ``out_dir`` made with ``params``, or None and why not."""
     meta_path = out_dir / META_FILE
+    if (out_dir / IN_PROGRESS_FILE).is_file():
+        return None, "an earlier generation was interrupted"
     if not meta_path.is_file():
-        return None
+        return None, f"there is no {META_FILE}"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
-        return None
+        return None, f"{META_FILE} is unreadable"
     if meta.get("version") != DEMO_DATA_VERSION or meta.get("params") != params:
-        return None
+        return None, "it was made with other parameters"
     paths = _output_paths(out_dir, params)
-    if not all(p.is_file() for p in _required_files(paths)):
-        return None
-    if "image_folder" in paths and not Path(paths["image_folder"]).is_dir():
-        return None
+    missing = [p.name for p in _required_files(paths) if not p.is_file()]
+    if missing or ("image_folder" in paths and not Path(paths["image_folder"]).is_dir()):
+        return None, f"{', '.join(missing) or IMAGE_FOLDER} is missing"
     return {**paths, "params": params, "counts": meta.get("counts", {}), "seconds": 0.0,
-            "generated": False}
+            "generated": False}, ""
 
 
 def ensure_demo_data(out_dir: PathLike, seed: int = 0,
@@ -768,14 +794,17 @@ def ensure_demo_data(out_dir: PathLike, seed: int = 0,
                      pairs_per_set: int = DEFAULT_PAIRS_PER_SET,
                      set_names: Sequence[str] = VAL_SET_NAMES, make_memfiles: bool = True,
                      make_image_folder: bool = True, show_progress: bool = True) -> dict:
-    """Like :func:`generate_demo_data`, but reuse a complete set made with the same parameters
-    (``generated`` in the result says which happened)."""
+    """Like :func:`generate_demo_data`, but reuse a complete, unchanged set made with the same
+    parameters (``generated`` in the result says which happened); an interrupted or altered one
+    is generated again."""
     params = demo_params(seed, num_train_ids, imgs_per_id, num_val_ids, pairs_per_set, set_names,
                          make_memfiles, make_image_folder)
-    existing = _existing_matches(Path(out_dir), params)
+    existing, reason = _existing_matches(Path(out_dir), params)
     if existing is not None:
         logger.info("reusing the demo data in %s", out_dir)
         return existing
+    if Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+        logger.info("generating the demo data in %s again: %s", out_dir, reason)
     return generate_demo_data(out_dir, seed, num_train_ids, imgs_per_id, num_val_ids,
                               pairs_per_set, set_names, make_memfiles, make_image_folder,
                               show_progress)

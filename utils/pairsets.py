@@ -10,10 +10,14 @@ The memfile layout (kept from the original AdaFace code so that converted folder
     <root>/<name>_list.npy                    the P booleans
 
 The memfile holds exactly what the network sees: BGR, ``(pixel / 255 - 0.5) / 0.5``
-(:func:`utils.image.rgb_to_input_array`).
+(:func:`utils.image.rgb_to_input_array`). Its ``.conf`` also records the ``.bin`` it was made from
+(:func:`utils.files.source_stamp`): :func:`ensure_memfile` rebuilds a memfile whose ``.bin`` changed
+and, when the folder is read-only, converts into the user cache (:func:`memfile_cache_root`)
+instead; :func:`locate_memfile` finds the up-to-date one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.files import write_atomically
+from utils.files import (interruption_point, is_access_error, is_writable_folder,
+                         remove_temporaries, settled_stamp, source_stamp, stamp_change,
+                         user_cache_dir, write_atomically)
 from utils.image import (INPUT_SIZE, ImageDecodeError, check_input_size, decode_image_bytes,
                          rgb_to_input_array, swap_red_blue)
 
@@ -208,17 +214,23 @@ def bin_to_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = Non
     Every image is decoded to RGB (it must be 112x112), red and blue are exchanged first when
     ``swap_color_channel`` (a source whose images hold them swapped), then turned into the
     network input with :func:`utils.image.rgb_to_input_array`. ``num_workers > 0`` decodes in
-    that many processes. The ``.conf`` is written last, so an interrupted conversion is never
-    mistaken for a complete one.
+    that many processes. The ``.conf`` is written last, with the record of the ``.bin``
+    (:func:`utils.files.source_stamp`), so an interrupted conversion is never mistaken for a
+    complete one; the temporary files a killed conversion left are removed first.
     """
     bin_path = Path(bin_path)
     root = Path(root)
     name = name or bin_path.name.split(".")[0]
+    if not bin_path.is_file():
+        raise FileNotFoundError(f"{bin_path}: pair-set file not found")
+    stamp = source_stamp([bin_path], base=bin_path.parent)  # before reading: changes show
     images, issame = load_pair_bin(bin_path)
     dat, conf, lst = memfile_paths(root, name)
     dat.parent.mkdir(parents=True, exist_ok=True)
     if conf.exists():
         conf.unlink()  # mark incomplete until done
+    remove_temporaries(dat.parent, [conf.name])
+    remove_temporaries(root, [lst.name])
     shape = (len(images),) + MEMFILE_SHAPE_TAIL
     tmp = dat.with_name(dat.name + ".tmp")
     mm = np.memmap(tmp, mode="w+", dtype=MEMFILE_DTYPE, shape=shape) if len(images) else None
@@ -235,6 +247,7 @@ def bin_to_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = Non
             for i, task in enumerate(tasks):
                 mm[i] = _decode_one(task)
                 bar.update()
+                interruption_point("memfile")
     except BaseException as exc:
         bar.close()
         del mm
@@ -251,19 +264,123 @@ def bin_to_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = Non
     os.replace(tmp, dat)
     write_atomically(lst, lambda f: np.save(f, issame.astype(bool)))
     config = {"shape": list(shape), "dtype": MEMFILE_DTYPE,
-              "source": str(bin_path), "swap_color_channel": bool(swap_color_channel)}
+              "source": str(bin_path), "swap_color_channel": bool(swap_color_channel),
+              "source_stamp": stamp}
     write_atomically(conf, lambda f: f.write(json.dumps(config).encode("utf-8")))
     logger.info("wrote %s (%d images, %d pairs)", dat, len(images), len(issame))
     return dat
 
 
-def memfile_matches(root: PathLike, name: str, swap_color_channel: bool = False) -> bool:
-    """Whether a complete memfile of ``name`` exists and was made with this colour setting.
+def memfile_change(root: PathLike, name: str, bin_path: Optional[PathLike] = None,
+                   swap_color_channel: bool = False) -> Optional[str]:
+    """Why the memfile of ``name`` under ``root`` cannot be used as it is (a phrase for a log
+    line), or None when it is complete, made with this colour setting and from ``bin_path`` as it
+    is now (when given and present).
 
-    Memfiles from the original AdaFace code do not record the setting and count as made
-    without the swap.
+    The check is a ``stat`` of the ``.bin`` (:func:`utils.files.stamp_change`); a record that
+    needed a content hash (the ``.bin`` was new at conversion) is replaced, where the folder can
+    be written, by a plain one once the ``.bin`` settled. Memfiles that record no source (the
+    original AdaFace code's, or older ones of this project) count as made without the swap, and
+    as stale only when the ``.bin`` is newer than their ``.conf``.
     """
-    if not memfile_exists(root, name):
-        return False
     _, conf, _ = memfile_paths(root, name)
-    return bool(_read_conf(conf).get("swap_color_channel", False)) == bool(swap_color_channel)
+    try:
+        data, _ = open_memfile(root, name)
+        del data
+    except FileNotFoundError:
+        return "there is none"
+    except (OSError, PairSetError) as exc:
+        return f"it is incomplete or unreadable ({exc})"
+    config = _read_conf(conf)
+    if bool(config.get("swap_color_channel", False)) != bool(swap_color_channel):
+        return (f"it was made with swap_color_channel="
+                f"{bool(config.get('swap_color_channel', False))}")
+    if bin_path is None or not Path(bin_path).is_file():
+        return None
+    bin_path = Path(bin_path)
+    if "source_stamp" not in config:
+        if bin_path.stat().st_mtime_ns > conf.stat().st_mtime_ns:
+            return f"{bin_path.name} is newer than the memfile"
+        return None
+    reason = stamp_change(config["source_stamp"], [bin_path], base=bin_path.parent)
+    settled = settled_stamp(config["source_stamp"], [bin_path], base=bin_path.parent)
+    if reason is None and settled is not None:
+        try:
+            write_atomically(conf, lambda f: f.write(json.dumps(
+                {**config, "source_stamp": settled}).encode("utf-8")))
+        except OSError as exc:  # a read-only folder keeps checking by content
+            logger.debug("could not update %s (%s)", conf, exc)
+    return reason
+
+
+def memfile_matches(root: PathLike, name: str, swap_color_channel: bool = False,
+                    bin_path: Optional[PathLike] = None) -> bool:
+    """Whether a complete memfile of ``name`` exists, made with this colour setting (and from
+    ``bin_path`` as it is now, when given): :func:`memfile_change` found nothing."""
+    return memfile_change(root, name, bin_path, swap_color_channel) is None
+
+
+def memfile_cache_root(root: PathLike) -> Path:
+    """Where the memfiles of the pair sets in ``root`` go when ``root`` is read-only:
+    ``<user cache>/pairsets/<folder name>-<hash of its absolute path>`` (:func:`utils.files.
+    user_cache_dir`, ``$ADAFACE_CACHE`` first)."""
+    root = Path(root).resolve()
+    digest = hashlib.sha1(str(root).encode("utf-8")).hexdigest()[:16]
+    return user_cache_dir() / "pairsets" / f"{root.name}-{digest}"
+
+
+def locate_memfile(root: PathLike, name: str, swap_color_channel: bool = False
+                   ) -> Optional[Path]:
+    """The folder holding an up-to-date memfile of ``name`` for the pair sets in ``root``:
+    ``root`` itself, else its cache folder (:func:`memfile_cache_root`); None if neither."""
+    bin_path = Path(root) / f"{name}.bin"
+    if memfile_change(root, name, bin_path, swap_color_channel) is None:
+        return Path(root)
+    if bin_path.is_file():
+        cache = memfile_cache_root(root)
+        if memfile_change(cache, name, bin_path, swap_color_channel) is None:
+            return cache
+    return None
+
+
+def ensure_memfile(bin_path: PathLike, root: PathLike, name: Optional[str] = None,
+                   swap_color_channel: bool = False, show_progress: bool = True
+                   ) -> tuple[Path, bool]:
+    """An up-to-date memfile of ``bin_path`` under ``root``: reused, or (re)built with a log line
+    saying why. A ``root`` that cannot be written (read-only data) gets it in its cache folder
+    (:func:`memfile_cache_root`) instead. Returns ``(the folder holding it, whether converted)``.
+    """
+    bin_path, root = Path(bin_path), Path(root)
+    name = name or bin_path.name.split(".")[0]
+    reason = memfile_change(root, name, bin_path, swap_color_channel)
+    if reason is None:
+        return root, False
+    if not is_writable_folder(root):
+        logger.info("%s is not writable: using a memfile of %s in %s", root, bin_path.name,
+                    memfile_cache_root(root))
+        return _ensure_cached(bin_path, root, name, swap_color_channel, show_progress)
+    if reason == "there is none":
+        logger.info("converting %s to a memfile", bin_path)
+    else:
+        logger.info("rebuilding the memfile of %s: %s", bin_path, reason)
+    try:
+        bin_to_memfile(bin_path, root, name, swap_color_channel, show_progress=show_progress)
+    except OSError as exc:
+        if not is_access_error(exc):
+            raise
+        logger.info("cannot write the memfile of %s in %s (%s): using %s instead", bin_path.name,
+                    root, exc, memfile_cache_root(root))
+        return _ensure_cached(bin_path, root, name, swap_color_channel, show_progress)
+    return root, True
+
+
+def _ensure_cached(bin_path: Path, root: Path, name: str, swap_color_channel: bool,
+                   show_progress: bool) -> tuple[Path, bool]:
+    cache = memfile_cache_root(root)
+    reason = memfile_change(cache, name, bin_path, swap_color_channel)
+    if reason is None:
+        return cache, False
+    if reason != "there is none":
+        logger.info("rebuilding the cached memfile of %s: %s", bin_path, reason)
+    bin_to_memfile(bin_path, cache, name, swap_color_channel, show_progress=show_progress)
+    return cache, True

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.files import write_atomically
+from utils.files import remove_temporaries, user_cache_dir, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -568,11 +568,6 @@ class FacePackIndex:
         return int(self.keys.size)
 
 
-def _user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "adaface"
-
-
 def label_cache_paths(rec_path: PathLike, cache_dir: Optional[PathLike] = None) -> list[Path]:
     """Where the label index of ``rec_path`` is cached, in the order they are tried."""
     rec_path = Path(rec_path).resolve()
@@ -580,7 +575,7 @@ def label_cache_paths(rec_path: PathLike, cache_dir: Optional[PathLike] = None) 
     keyed_name = f"{rec_path.stem}-{digest}.labels.npz"
     if cache_dir is not None:
         return [Path(cache_dir) / keyed_name]
-    return [rec_path.with_name(rec_path.stem + ".labels.npz"), _user_cache_dir() / keyed_name]
+    return [rec_path.with_name(rec_path.stem + ".labels.npz"), user_cache_dir() / keyed_name]
 
 
 def _source_stamp(rec_path: Path, idx_path: Path) -> np.ndarray:
@@ -605,8 +600,10 @@ def _load_cached(path: Path, stamp: np.ndarray) -> Optional[FacePackIndex]:
 
 
 def _save_cache(path: Path, index: FacePackIndex, stamp: np.ndarray, rec_path: Path) -> bool:
-    """Write the label cache; False (the caller tries the next place) where the folder refuses it."""
+    """Write the label cache; False (the caller tries the next place) where the folder refuses it.
+    The temporary file of a killed earlier write is removed first."""
     try:
+        remove_temporaries(path.parent, [path.name])
         write_atomically(path, lambda f: np.savez(f, keys=index.keys, labels=index.labels,
                                                   num_classes=index.num_classes, stamp=stamp,
                                                   source=str(rec_path)))
@@ -690,10 +687,12 @@ def load_face_pack_index(rec_path: PathLike, cache_dir: Optional[PathLike] = Non
                          idx_path: Optional[PathLike] = None) -> FacePackIndex:
     """Keys and labels of every image of a face pack, cached in ``<stem>.labels.npz``.
 
-    The cache lives beside the pack, or (directory not writable) in ``$XDG_CACHE_HOME/adaface``
-    (default ``~/.cache/adaface``) under a name derived from the pack's absolute path; with
-    ``cache_dir`` it lives there. It records the size and mtime of the ``.rec`` and ``.idx``
-    and is rebuilt when they change.
+    The cache lives beside the pack, or (directory not writable) in the user cache
+    (:func:`utils.files.user_cache_dir`: ``$ADAFACE_CACHE``, ``$XDG_CACHE_HOME/adaface`` or
+    ``~/.cache/adaface``) under a name derived from the pack's absolute path; with ``cache_dir``
+    it lives there. It records the size and mtime_ns of the ``.rec`` and ``.idx`` taken before
+    they are read (a pack rewritten during indexing is indexed again next time) and is rebuilt,
+    with a log line, when they change.
     """
     rec_path = Path(rec_path).resolve()
     idx_path = Path(idx_path) if idx_path is not None else default_idx_path(rec_path)
