@@ -5,6 +5,7 @@ flip fusion written out, plain loops for templates, scores and ranks), re-run fr
 features, and fed hand-made features whose results are known.
 """
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -444,8 +445,10 @@ def test_5valsets_shell_wrapper_prints_the_paper_table(tmp_path):
     issame = {f"issame_{s}": rng.random(10) < 0.5 for s in sets}
     path = save_features(tmp_path / "run_features.npz", FeatureSet(feats, np.ones((len(names), 1), np.float32), names,
                                                                    {"kind": "5valsets", "model": "run"}, issame))
+    # PYTHON: the interpreter running the suite (a virtual environment's need not be first on PATH)
     done = subprocess.run(["bash", str(REPO / "validation_hq" / "eval_5valsets.sh"), "--features_path", str(path),
-                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr
     header = [line for line in done.stdout.splitlines() if "LFW" in line][0]
     assert [c.strip() for c in header.strip("|").split("|")] == ["model", "LFW", "CFPFP", "CPLFW", "CALFW",

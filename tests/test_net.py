@@ -157,7 +157,8 @@ def test_training_step_updates_weights():
 # ---- one unit against a straightforward functional reference of the published equations ----
 
 def _bn(x, bn):
-    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    # eps written out (the published BatchNorm2d default), not read from the module under test
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, 1e-5)
 
 
 def _prelu(x, p):

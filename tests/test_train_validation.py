@@ -1,0 +1,128 @@
+"""Training-time validation measures what the evaluation scripts measure.
+
+``train_val.Trainer.validation_step`` (run by Lightning's ``trainer.validate`` on the module and
+DataModule that ``main.py`` builds from its flags, the backbone loaded with
+``--start_from_model_statedict``) must embed every pair-set image with the flip test and
+``pre_norm_vector_add`` fusion, exactly as ``utils.features`` and ``validation_hq/eval_5valsets``
+do; otherwise the ``val_acc`` that picks the best checkpoint silently stops matching the paper's
+table. The reference fusion is written out here: ``f = normalize(e1 n1 + e2 n2)``, norm
+``|e1 n1 + e2 n2|``, with ``(e2, n2)`` the embedding of the horizontally mirrored image.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main as main_module
+from data import DataModule, ValidationPairDataset
+from net import build_model
+from utils.config import get_args
+from utils.demo_data import generate_demo_data
+from utils.features import extract_features
+
+REPO = Path(__file__).resolve().parent.parent
+SETS = ['cfp_fp', 'lfw']   # two sets, so the set offsets matter
+PAIRS = 6                  # pairs per set; training validation then uses 6 folds (min(10, pairs))
+IMAGES = 2 * PAIRS * len(SETS)
+BATCH = 8
+
+
+def _load_hq_script():
+    spec = importlib.util.spec_from_file_location('script_eval_5valsets_tv', REPO / 'validation_hq' / 'eval_5valsets.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """Tiny data (two identities to train on, two pair sets) and an ir_tiny checkpoint in the
+    published Lightning layout with non-trivial BatchNorm statistics."""
+    work = tmp_path_factory.mktemp('train_validation')
+    root = generate_demo_data(work / 'data', seed=5, num_train_ids=2, imgs_per_id=2, num_val_ids=6,
+                              pairs_per_set=PAIRS, set_names=SETS, show_progress=False)['root']
+    torch.manual_seed(11)
+    model = build_model('ir_tiny')
+    g = torch.Generator().manual_seed(12)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    model.eval()
+    ckpt = work / 'weights.ckpt'
+    torch.save({'state_dict': {f'model.{k}': v for k, v in model.state_dict().items()},
+                'hyper_parameters': {'arch': 'ir_tiny'}}, ckpt)
+    return root, ckpt, work
+
+
+@pytest.fixture(scope='module')
+def validated(setup):
+    """Lightning's validate on the module and DataModule built from main.py's flags."""
+    root, ckpt, work = setup
+    args = get_args(['--data_root', str(root), '--train_data_path', '.', '--val_data_path', '.', '--gpus', '0',
+                     '--arch', 'ir_tiny', '--batch_size', str(BATCH), '--num_workers', '0',
+                     '--output_dir', str(work / 'run'), '--start_from_model_statedict', str(ckpt)])
+    dm = DataModule.from_args(args, seed=args.seed, val_set_names=SETS, label_cache_dir=work / 'labels')
+    module = main_module.build_module(args, dm)
+    trainer = main_module.build_trainer(args, callbacks=[], loggers=[])
+    trainer.validate(module, datamodule=dm, verbose=False)
+    return module
+
+
+def _reference_features(ckpt: Path, images: torch.Tensor):
+    """The checkpoint's backbone (loaded by hand) and the flip fusion written out."""
+    state = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']
+    model = build_model('ir_tiny')
+    model.load_state_dict({k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')})
+    model.eval()
+    with torch.no_grad():
+        e1, n1 = model(images)
+        e2, n2 = model(torch.flip(images, dims=[3]))
+    v = e1 * n1 + e2 * n2
+    norm = v.norm(dim=1, keepdim=True)
+    return (v / norm).numpy(), norm.numpy(), e1.numpy(), model
+
+
+def test_validation_embeds_with_flip_and_pre_norm_vector_add(setup, validated):
+    root, ckpt, _ = setup
+    dataset = ValidationPairDataset(root, SETS)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert images.shape == (IMAGES, 3, 112, 112)
+    want, want_norm, unflipped, model = _reference_features(ckpt, images)
+
+    out = validated.last_embeddings
+    assert out['image_index'].tolist() == list(range(IMAGES))
+    assert out['dataname'].tolist() == [0] * (2 * PAIRS) + [1] * (2 * PAIRS)
+    np.testing.assert_allclose(out['output'], want, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(out['norm'], want_norm, rtol=2e-5, atol=0)
+
+    # the same numbers as utils.features with flip and pre_norm_vector_add on the same weights
+    loader = [(images[i:i + BATCH],) for i in range(0, IMAGES, BATCH)]
+    features, norms = extract_features(model, loader, use_flip=True, fusion_method='pre_norm_vector_add')
+    np.testing.assert_allclose(out['output'], features, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(out['norm'], norms, rtol=2e-5, atol=0)
+
+    # and the flip matters for this network: without it the features are clearly different
+    assert np.abs(unflipped - want).max() > 1e-2
+
+
+def test_validation_accuracy_equals_eval_5valsets(setup, validated, tmp_path):
+    root, ckpt, _ = setup
+    hq_script = _load_hq_script()
+    result = hq_script.main(['--data_root', str(root), '--val_data_path', '.', '--set_names', *SETS,
+                             '--ckpt_path', str(ckpt), '--arch', 'ir_tiny', '--device', 'cpu',
+                             '--num_workers', '0', '--batch_size', str(BATCH), '--nrof_folds', str(PAIRS),
+                             '--output_dir', str(tmp_path)])
+    script = result['results']['weights']
+    got = validated.last_results
+    for name in SETS:
+        assert got[f'{name}_val_acc'] == pytest.approx(script[name]['acc'], abs=1e-12), name
+        assert got[f'{name}_val_best_threshold'] == pytest.approx(script[name]['best_threshold'], abs=1e-12)
+        assert got[f'{name}_num_val_samples'] == 2 * PAIRS
+    assert got['val_acc'] == pytest.approx(np.mean([script[n]['acc'] for n in SETS]), abs=1e-12)
