@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -102,6 +103,21 @@ def check_paths_exist(paths: Iterable[PathLike], what: str = "files") -> None:
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
         raise MissingFilesError(f"{len(missing)} {what} missing:\n  " + "\n  ".join(missing))
+
+
+def prepare_output_dir(path: PathLike) -> Path:
+    """Create ``path`` (the ``--output_dir``) and check that a file can be written in it, so that an
+    unusable folder is reported before any feature is computed rather than after."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = "a file of that name exists" if path.is_file() else (exc.strerror or str(exc))
+        raise EvalInputError(f"--output_dir {path}: cannot write results there ({reason}); choose a writable "
+                             f"folder with --output_dir") from exc
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +287,13 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         return rgb_to_tensor(self.load_rgb(int(index))), int(index)
+
+    def check_first(self) -> "ImageListDataset":
+        """Decode (and align) the first image now, in this process: a folder of unaligned or
+        unreadable images is reported before the model is loaded. Returns ``self``."""
+        if len(self):
+            self.load_rgb(0)
+        return self
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
