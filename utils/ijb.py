@@ -163,9 +163,25 @@ def _first_row(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _known_mask(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` that are in the sorted, unique integer ``unique_templates`` (a lookup table when compact)."""
+    low, high = int(unique_templates[0]), int(unique_templates[-1])
+    if len(ids) == 0 or high - low >= max(16 * len(unique_templates), 1 << 22):
+        return np.isin(ids, unique_templates)
+    if int(ids.min()) < low or int(ids.max()) > high:
+        inside = (ids >= low) & (ids <= high)
+        found = np.zeros(len(ids), dtype=bool)
+        found[inside] = _known_mask(unique_templates, ids[inside])
+        return found
+    base = 0 if low >= 0 else low                   # ids index the table directly when not negative
+    table = np.zeros(high - base + 1, dtype=bool)
+    table[unique_templates - base] = True
+    return table[ids - base if base else ids]
+
+
 def _check_known_templates(path: Path, ids: np.ndarray, unique_templates: np.ndarray, media_file: Path,
                            header: bool, column: str) -> None:
-    _, found = _lookup_rows(unique_templates, ids)
+    found = _known_mask(unique_templates, ids)
     if not found.all():
         row = _first_row(~found)
         raise fail(path, line_of_row(path, row, header),
