@@ -12,7 +12,10 @@ saved by an earlier run) and hands them to the metric library (``utils.evaluate_
   takes any checkpoint that :mod:`utils.checkpoint` reads;
 * **device**: ``--device cpu|cuda|cuda:N|auto`` (:func:`utils.device.resolve_device`);
 * **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
-  their count, so a broken data folder is reported before any feature is computed;
+  their count, :func:`prepare_output_dir` checks that ``--output_dir`` is writable and
+  :meth:`ImageListDataset.check_first` decodes the first image, so that a broken data folder or an
+  unusable output folder is reported before any feature is computed (the protocol files
+  themselves are checked by :mod:`utils.meta_files` and the scripts' readers);
 * **images**: :class:`ImageListDataset` decodes (and, given 5 landmarks, aligns with
   :func:`face_alignment.similarity.align_face`) in DataLoader workers, following the one image
   convention of :mod:`utils.image`;
@@ -29,6 +32,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -349,6 +353,9 @@ def load_features(path: PathLike, kind: Optional[str] = None) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise MissingFilesError(f"{path}: features file not found")
+    if not zipfile.is_zipfile(path):
+        raise EvalInputError(f"{path}: not a features file (an .npz written by --save_features); give the "
+                             f"features.npz of an earlier run to --features_path")
     try:
         with np.load(path, allow_pickle=False) as data:
             content = {k: data[k] for k in data.files}
@@ -379,7 +386,8 @@ def select_by_names(feature_set: FeatureSet, names: Sequence[str], source: str) 
     missing = [n for n in names if n not in row_of]
     if missing:
         raise EvalInputError(f"{source}: {len(missing)} of the {len(names)} images of the protocol have no "
-                             f"saved feature: {name_some(missing)}")
+                             f"saved feature: {name_some(missing)}; give the features of this data set, or "
+                             f"compute them with --model_name / --ckpt_path")
     rows = np.array([row_of[n] for n in names], dtype=np.int64)
     return FeatureSet(feature_set.features[rows], feature_set.norms[rows], names, feature_set.meta,
                       feature_set.arrays)
