@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import sys
@@ -60,7 +61,7 @@ from utils.identification import rank_rates, tpir_at_fpir  # noqa: E402
 from utils.ijb import image2template_feature, image_features_for_templates  # noqa: E402
 from utils.image import is_image_file  # noqa: E402
 from utils.messages import name_some  # noqa: E402
-from utils.meta_files import FIX_HINT, fail, read_csv_table  # noqa: E402
+from utils.meta_files import FIX_HINT, fail, line_of_row, read_csv_table  # noqa: E402
 
 logger = logging.getLogger("validate_IJB_S")
 
@@ -145,14 +146,34 @@ def image_key(rel_path: str) -> Optional[str]:
 
 
 def _read_metadata(path: Path) -> List[Tuple[int, str]]:
-    """The sorted (subject, video) pairs of ``cs6_metadata.csv``; every line's subject is checked."""
-    videos = set()
-    for number, columns in _rows(path, 2):
-        subject = _subject(path, number, columns[0])
-        if columns[1].startswith("videos"):
-            media_key(subject, columns[1], f"{path}, line {number}", "videos")
-            videos.add((subject, columns[1]))
-    return sorted(videos)
+    """The sorted (subject, video) pairs of ``cs6_metadata.csv`` (columns by position, as published).
+
+    Read with pandas and checked on arrays (every line's subject id an integer, video file names
+    ``videos/<v>.mp4``); the line-by-line reader runs only to name a line that lacks columns."""
+    try:
+        table = pd.read_csv(path, header=None, skiprows=1, usecols=[0, 1], dtype=str, keep_default_na=False,
+                            quoting=csv.QUOTE_NONE, engine="c")
+    except pd.errors.EmptyDataError:
+        return []
+    except (pd.errors.ParserError, ValueError):
+        table = None
+    if table is None or (table[1] == "").any():
+        _rows(path, 2)                                   # names the short line, if there is one
+    if table is None:
+        raise fail(path, None, "cannot be read as comma-separated columns SUBJECT_ID,FILENAME,...")
+    subjects = pd.to_numeric(table[0].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    files = table[1].str.strip()
+    bad = ~np.isfinite(subjects) | (subjects % 1 != 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        _subject(path, line_of_row(path, row, header=True), table[0].iloc[row].strip())
+    video = files.str.startswith("videos").to_numpy()
+    odd = video & ~files.str.fullmatch(r"videos/[^/]+").to_numpy()
+    if odd.any():
+        row = int(np.flatnonzero(odd)[0])
+        media_key(0, files.iloc[row], f"{path}, line {line_of_row(path, row, header=True)}", "videos")
+    pairs = pd.DataFrame({"s": subjects[video].astype(np.int64), "v": files[video].to_numpy()}).drop_duplicates()
+    return sorted(zip(pairs["s"].tolist(), pairs["v"].tolist()))
 
 
 def _check_galleries(files: Dict[str, Path], protocol: "Protocol", lines: Dict[str, List[int]]) -> None:
