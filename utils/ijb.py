@@ -16,6 +16,9 @@ Definitions (InsightFace's IJB evaluation, as used by AdaFace's ``validate_IJB_B
   a mate, and reports top-1/5/10 of that merged gallery: call :func:`identification` with the
   concatenated galleries to get those numbers.
 
+The meta files are read by :func:`read_ijb_protocol`, which parses every line (:mod:`utils.meta_files`)
+and cross-checks the files before anything is embedded.
+
 The fast functions are vectorised and give the same values (up to float32 rounding) as the plain
 loops :func:`image2template_feature_reference` and :func:`verification_reference`, which mirror the
 published helper and serve as test and benchmark references.

@@ -3,6 +3,8 @@
 
 The protocol of the published ``validation_mixed/validate_IJB_BC.py`` (InsightFace's IJB helpers):
 
+* every meta file is parsed completely and cross-checked first (:func:`utils.ijb.read_ijb_protocol`);
+  a bad line is reported (file, line, what to do) before any image is embedded;
 * every image of ``loose_crop/`` is aligned with its 5 landmarks of ``*_name_5pts_score.txt``
   (similarity transform onto the 112x112 reference points) and embedded, with the flipped image
   fused by ``--fusion_method`` when ``--use_flip_test``;
