@@ -285,3 +285,12 @@ def test_features_path_that_is_not_a_features_file(data, tmp_path, capsys):
                                         "--output_dir", tmp_path / "out"], capsys)
     assert error == (f"error: {text}: not a features file (an .npz written by --save_features); give the "
                      f"features.npz of an earlier run to --features_path")
+
+
+def test_batch_size_zero_is_a_usage_error_before_the_model(data, capsys, nothing_embedded):
+    with pytest.raises(SystemExit) as info:
+        tinyface_script.main(["--data_root", str(data["tinyface"].root), "--ckpt_path", str(data["ckpt"]),
+                              "--device", "cpu", "--batch_size", "0"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: argument --batch_size: must be at least 1, "
+                                                             "got 0")

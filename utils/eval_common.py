@@ -235,9 +235,22 @@ def add_fusion_arguments(parser: argparse.ArgumentParser, use_flip_default: bool
                         help="how an image and its flip are fused (default: %(default)s)")
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_loader_arguments(parser: argparse.ArgumentParser, batch_size: int = 128, num_workers: int = 4) -> None:
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=num_workers,
+    parser.add_argument("--batch_size", type=_int_at_least(1), default=batch_size,
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", type=_int_at_least(0), default=num_workers,
                         help="DataLoader worker processes decoding (and aligning) images (default: %(default)s)")
 
 
