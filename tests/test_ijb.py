@@ -207,18 +207,18 @@ def test_readers_reject_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"ijbc_template_pair_label.txt, line 2: column 't2'"):
         read_template_pair_list(bad)
     bad.write_text("1 2 1\n3 4 0 9\n")
-    with pytest.raises(ValueError, match="ijbc_template_pair_label.txt: expected 3"):
+    with pytest.raises(ValueError, match="ijbc_template_pair_label.txt, line 2: expected 3 .*found 4"):
         read_template_pair_list(bad)
     bad.write_text("1 2 1\n3 4 2\n")
-    with pytest.raises(ValueError, match="0 or 1"):
+    with pytest.raises(ValueError, match="line 2: the label must be 0 or 1, found 2"):
         read_template_pair_list(bad)
     short = tmp_path / "lm.txt"
     short.write_text("1.jpg 1 2 3 4 5 6 7 8 9 10\n")
-    with pytest.raises(ValueError, match="lm.txt: expected 12 columns"):
+    with pytest.raises(ValueError, match="lm.txt, line 1: expected 12 .*found 11"):
         read_landmarks(short)
     csv = tmp_path / "probe.csv"
     csv.write_text("TEMPLATE,SUBJECT\n1,2\n")
-    with pytest.raises(ValueError, match="probe.csv: expected integer columns TEMPLATE_ID"):
+    with pytest.raises(ValueError, match="probe.csv, line 1: the header line must name the columns TEMPLATE_ID, SUBJECT_ID"):
         read_1n_csv(csv)
     with pytest.raises(FileNotFoundError, match="nothing.txt"):
         read_template_media_list(tmp_path / "nothing.txt")

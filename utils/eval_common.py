@@ -12,7 +12,10 @@ saved by an earlier run) and hands them to the metric library (``utils.evaluate_
   takes any checkpoint that :mod:`utils.checkpoint` reads;
 * **device**: ``--device cpu|cuda|cuda:N|auto`` (:func:`utils.device.resolve_device`);
 * **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
-  their count, so a broken data folder is reported before any feature is computed;
+  their count, :func:`prepare_output_dir` checks that ``--output_dir`` is writable and
+  :meth:`ImageListDataset.check_first` decodes the first image, so that a broken data folder or an
+  unusable output folder is reported before any feature is computed (the protocol files
+  themselves are checked by :mod:`utils.meta_files` and the scripts' readers);
 * **images**: :class:`ImageListDataset` decodes (and, given 5 landmarks, aligns with
   :func:`face_alignment.similarity.align_face`) in DataLoader workers, following the one image
   convention of :mod:`utils.image`;
@@ -28,6 +31,8 @@ import json
 import logging
 import os
 import re
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -102,6 +107,21 @@ def check_paths_exist(paths: Iterable[PathLike], what: str = "files") -> None:
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
         raise MissingFilesError(f"{len(missing)} {what} missing:\n  " + "\n  ".join(missing))
+
+
+def prepare_output_dir(path: PathLike) -> Path:
+    """Create ``path`` (the ``--output_dir``) and check that a file can be written in it, so that an
+    unusable folder is reported before any feature is computed rather than after."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = "a file of that name exists" if path.is_file() else (exc.strerror or str(exc))
+        raise EvalInputError(f"--output_dir {path}: cannot write results there ({reason}); choose a writable "
+                             f"folder with --output_dir") from exc
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +235,22 @@ def add_fusion_arguments(parser: argparse.ArgumentParser, use_flip_default: bool
                         help="how an image and its flip are fused (default: %(default)s)")
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_loader_arguments(parser: argparse.ArgumentParser, batch_size: int = 128, num_workers: int = 4) -> None:
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="images per batch (default: %(default)s)")
-    parser.add_argument("--num_workers", type=int, default=num_workers,
+    parser.add_argument("--batch_size", type=_int_at_least(1), default=batch_size,
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--num_workers", type=_int_at_least(0), default=num_workers,
                         help="DataLoader worker processes decoding (and aligning) images (default: %(default)s)")
 
 
@@ -271,6 +304,13 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         return rgb_to_tensor(self.load_rgb(int(index))), int(index)
+
+    def check_first(self) -> "ImageListDataset":
+        """Decode (and align) the first image now, in this process: a folder of unaligned or
+        unreadable images is reported before the model is loaded. Returns ``self``."""
+        if len(self):
+            self.load_rgb(0)
+        return self
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -326,6 +366,9 @@ def load_features(path: PathLike, kind: Optional[str] = None) -> FeatureSet:
     path = Path(path)
     if not path.is_file():
         raise MissingFilesError(f"{path}: features file not found")
+    if not zipfile.is_zipfile(path):
+        raise EvalInputError(f"{path}: not a features file (an .npz written by --save_features); give the "
+                             f"features.npz of an earlier run to --features_path")
     try:
         with np.load(path, allow_pickle=False) as data:
             content = {k: data[k] for k in data.files}
@@ -356,7 +399,8 @@ def select_by_names(feature_set: FeatureSet, names: Sequence[str], source: str) 
     missing = [n for n in names if n not in row_of]
     if missing:
         raise EvalInputError(f"{source}: {len(missing)} of the {len(names)} images of the protocol have no "
-                             f"saved feature: {name_some(missing)}")
+                             f"saved feature: {name_some(missing)}; give the features of this data set, or "
+                             f"compute them with --model_name / --ckpt_path")
     rows = np.array([row_of[n] for n in names], dtype=np.int64)
     return FeatureSet(feature_set.features[rows], feature_set.norms[rows], names, feature_set.meta,
                       feature_set.arrays)

@@ -16,6 +16,9 @@ Definitions (InsightFace's IJB evaluation, as used by AdaFace's ``validate_IJB_B
   a mate, and reports top-1/5/10 of that merged gallery: call :func:`identification` with the
   concatenated galleries to get those numbers.
 
+The meta files are read by :func:`read_ijb_protocol`, which parses every line (:mod:`utils.meta_files`)
+and cross-checks the files before anything is embedded.
+
 The fast functions are vectorised and give the same values (up to float32 rounding) as the plain
 loops :func:`image2template_feature_reference` and :func:`verification_reference`, which mirror the
 published helper and serve as test and benchmark references.
@@ -24,22 +27,29 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import pandas as pd
 import scipy.sparse
 from sklearn.metrics import roc_curve
 from prettytable import PrettyTable
 from tqdm import tqdm
 
 from utils.identification import rank_rates, tpir_at_fpir
+from utils.meta_files import fail, line_of_row, read_csv_table, read_whitespace_table
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 FAR_TARGETS: Tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+MEDIA_COLUMNS = (("image", "str"), ("template", "int"), ("media", "int"))
+PAIR_COLUMNS = (("t1", "int"), ("t2", "int"), ("label", "int"))
+LANDMARK_COORDS = tuple(f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y"))
+LANDMARK_COLUMNS = (("image", "str"), *((c, "float") for c in LANDMARK_COORDS), ("faceness", "float"))
+ONE_TO_N_COLUMNS = (("TEMPLATE_ID", "int"), ("SUBJECT_ID", "int"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,85 +94,45 @@ def ijb_meta_paths(data_root: PathLike, dataset_name: str = "IJBC",
     return paths
 
 
-def _read_whitespace_table(path: PathLike, names: Sequence[str], dtypes: Mapping[str, type]) -> pd.DataFrame:
-    """Read a header-less, whitespace-separated table with exactly ``len(names)`` columns.
-
-    Columns in ``dtypes`` are parsed as numbers, the others kept as strings. Errors name the file
-    (and, where possible, the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    by_index = {i: dtypes.get(name, str) for i, name in enumerate(names)}
-    try:
-        table = pd.read_csv(path, sep=r"\s+", header=None, dtype=by_index, engine="c")
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: the file is empty") from None
-    except pd.errors.ParserError as err:
-        raise ValueError(f"{path}: expected {len(names)} whitespace-separated columns "
-                         f"({' '.join(names)}): {err}") from None
-    except (ValueError, TypeError, OverflowError) as err:
-        _raise_first_bad_value(path, names, dtypes)
-        raise ValueError(f"{path}: cannot read as columns {' '.join(names)}: {err}") from None
-    if table.shape[1] != len(names):
-        raise ValueError(f"{path}: expected {len(names)} columns ({' '.join(names)}), found {table.shape[1]}")
-    table.columns = list(names)
-    return table
-
-
-def _raise_first_bad_value(path: Path, names: Sequence[str], dtypes: Mapping[str, type]) -> None:
-    """Slow path for error messages: find the first line whose numeric columns do not parse."""
-    table = pd.read_csv(path, sep=r"\s+", header=None, dtype=str, engine="c")
-    for column, dtype in dtypes.items():
-        i = list(names).index(column)
-        if i >= table.shape[1]:
-            raise ValueError(f"{path}: expected {len(names)} columns ({' '.join(names)}), found {table.shape[1]}")
-        values = pd.to_numeric(table[i], errors="coerce")
-        bad = values.isna().to_numpy()
-        if np.issubdtype(dtype, np.integer):
-            bad = bad | ((values.fillna(0).to_numpy(dtype=np.float64) % 1) != 0)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{path}, line {row + 1}: column {column!r} must be "
-                             f"{'an integer' if np.issubdtype(dtype, np.integer) else 'a number'}, "
-                             f"found {table[i].iloc[row]!r}")
-
-
 def read_template_media_list(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``*_face_tid_mid.txt`` (``image template_id media_id``) -> ``(images, templates, medias)``."""
-    table = _read_whitespace_table(path, ("image", "template", "media"), {"template": np.int64, "media": np.int64})
+    """``*_face_tid_mid.txt`` (``image template_id media_id``) -> ``(images, templates, medias)``.
+
+    Every line must hold the three columns, the ids integers (:mod:`utils.meta_files`)."""
+    table = read_whitespace_table(path, MEDIA_COLUMNS)
     return table["image"].to_numpy(dtype=object), table["template"].to_numpy(), table["media"].to_numpy()
 
 
 def read_template_pair_list(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``*_template_pair_label.txt`` (``template1 template2 label``) -> ``(t1, t2, label)``."""
-    table = _read_whitespace_table(path, ("t1", "t2", "label"), {"t1": np.int64, "t2": np.int64, "label": np.int64})
+    """``*_template_pair_label.txt`` (``template1 template2 label``) -> ``(t1, t2, label)``; labels 0 or 1."""
+    table = read_whitespace_table(path, PAIR_COLUMNS)
     label = table["label"].to_numpy()
-    if not np.isin(label, (0, 1)).all():
-        raise ValueError(f"{path}: labels must be 0 or 1, found {np.unique(label)[:10].tolist()}")
+    bad = np.flatnonzero((label != 0) & (label != 1))
+    if len(bad):
+        raise fail(path, line_of_row(path, int(bad[0])), f"the label must be 0 or 1, found {label[bad[0]]}")
     return table["t1"].to_numpy(), table["t2"].to_numpy(), label
 
 
 def read_landmarks(path: PathLike) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``*_name_5pts_score.txt`` (``image x1 y1 ... x5 y5 faceness``) ->
-    ``(images, landmarks (N, 5, 2) float32, faceness (N,) float32)``."""
-    coords = [f"{axis}{i}" for i in range(1, 6) for axis in ("x", "y")]
-    names = ("image", *coords, "faceness")
-    table = _read_whitespace_table(path, names, {c: np.float32 for c in (*coords, "faceness")})
-    landmarks = table[coords].to_numpy(dtype=np.float32).reshape(-1, 5, 2)
-    return table["image"].to_numpy(dtype=object), landmarks, table["faceness"].to_numpy(dtype=np.float32)
+    ``(images, landmarks (N, 5, 2) float32, faceness (N,) float32)``.
+
+    Every line must hold 12 columns, the 10 coordinates and the faceness finite numbers, and the 5
+    points of a line must not coincide (no similarity transform would exist)."""
+    table = read_whitespace_table(path, LANDMARK_COLUMNS)
+    landmarks = table[list(LANDMARK_COORDS)].to_numpy(dtype=np.float64).reshape(-1, 5, 2)
+    spread = np.sum(np.square(landmarks - landmarks.mean(axis=1, keepdims=True)), axis=(1, 2))
+    degenerate = np.flatnonzero(spread <= 1e-12)
+    if len(degenerate):
+        raise fail(path, line_of_row(path, int(degenerate[0])), "the 5 landmarks coincide, so the face cannot "
+                                                               "be aligned")
+    return (table["image"].to_numpy(dtype=object), landmarks.astype(np.float32),
+            table["faceness"].to_numpy(dtype=np.float32))
 
 
 def read_1n_csv(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     """A 1:N gallery/probe csv (header ``TEMPLATE_ID,SUBJECT_ID,FILENAME,...``, one row per image) ->
-    ``(template_ids, subject_ids)`` per row."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path, usecols=["TEMPLATE_ID", "SUBJECT_ID"], dtype=np.int64)
-    except ValueError as err:     # missing columns or non-integer values
-        raise ValueError(f"{path}: expected integer columns TEMPLATE_ID and SUBJECT_ID ({err})") from None
+    ``(template_ids, subject_ids)`` per row; every line has the header's number of columns."""
+    table = read_csv_table(path, ONE_TO_N_COLUMNS)
     return table["TEMPLATE_ID"].to_numpy(), table["SUBJECT_ID"].to_numpy()
 
 
@@ -174,6 +144,143 @@ def unique_template_subjects(template_ids: np.ndarray, subject_ids: np.ndarray) 
         raise ValueError(f"template_ids {template_ids.shape} and subject_ids {subject_ids.shape} differ in length")
     unique_templates, first = np.unique(template_ids, return_index=True)
     return unique_templates, subject_ids[first]
+
+
+@dataclass
+class IJBProtocol:
+    """Every meta file of an IJB-B/C release, read and checked against each other (:func:`read_ijb_protocol`)."""
+
+    images: np.ndarray                          # image names, in the order of the template/media list
+    templates: np.ndarray                       # template id of each image
+    medias: np.ndarray                          # media id of each image
+    p1: np.ndarray                              # 1:1 pairs: template ids and labels
+    p2: np.ndarray
+    labels: np.ndarray
+    probe: Tuple[np.ndarray, np.ndarray]        # 1:N probe templates (sorted) and their subjects
+    galleries: Dict[str, Tuple[np.ndarray, np.ndarray]]    # "G1"/"S1" -> gallery templates and subjects
+    landmarks: Optional[np.ndarray] = None      # (N, 5, 2) float32, with ``read_landmarks=True``
+    faceness: Optional[np.ndarray] = None
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _known_mask(unique_templates: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` that are in the sorted, unique integer ``unique_templates`` (a lookup table when compact)."""
+    low, high = int(unique_templates[0]), int(unique_templates[-1])
+    if len(ids) == 0 or high - low >= max(16 * len(unique_templates), 1 << 22):
+        return np.isin(ids, unique_templates)
+    if int(ids.min()) < low or int(ids.max()) > high:
+        inside = (ids >= low) & (ids <= high)
+        found = np.zeros(len(ids), dtype=bool)
+        found[inside] = _known_mask(unique_templates, ids[inside])
+        return found
+    base = 0 if low >= 0 else low                   # ids index the table directly when not negative
+    table = np.zeros(high - base + 1, dtype=bool)
+    table[unique_templates - base] = True
+    return table[ids - base if base else ids]
+
+
+def _check_known_templates(path: Path, ids: np.ndarray, unique_templates: np.ndarray, media_file: Path,
+                           header: bool, column: str) -> None:
+    found = _known_mask(unique_templates, ids)
+    if not found.all():
+        row = _first_row(~found)
+        raise fail(path, line_of_row(path, row, header),
+                   f"template {ids[row]} ({column}) has no image in {media_file.name} "
+                   f"({int(np.sum(~found))} such lines)",
+                   "use the meta files of one release (IJB-B and IJB-C ids differ) or restore them")
+
+
+def _check_1n_lists(lists: Mapping[str, Tuple[Path, np.ndarray, np.ndarray]]) -> None:
+    """One subject per template over all 1:N files; at most one template per (gallery, probe subject)."""
+    names = list(lists)
+    tids = np.concatenate([lists[n][1] for n in names])
+    sids = np.concatenate([lists[n][2] for n in names])
+    source = np.repeat(np.arange(len(names)), [len(lists[n][1]) for n in names])
+    row = np.concatenate([np.arange(len(lists[n][1])) for n in names])
+    order = np.lexsort((sids, tids))
+    clash = np.flatnonzero((tids[order][1:] == tids[order][:-1]) & (sids[order][1:] != sids[order][:-1]))
+    if len(clash):
+        a, b = order[clash[0]], order[clash[0] + 1]
+        path_a, path_b = lists[names[source[a]]][0], lists[names[source[b]]][0]
+        raise fail(path_b, line_of_row(path_b, int(row[b]), True),
+                   f"template {tids[b]} has subject {sids[b]} here but subject {sids[a]} in "
+                   f"{path_a.name}, line {line_of_row(path_a, int(row[a]), True)}")
+    probe_subjects = np.unique(lists["probe"][2])
+    for name in names[:-1]:
+        path, t, s = lists[name]
+        unique_t, first = np.unique(t, return_index=True)
+        subjects = s[first]
+        mated = np.isin(subjects, probe_subjects)
+        if not mated.any():
+            raise fail(path, None, f"no subject of this gallery has a probe in {lists['probe'][0].name}",
+                       "use the gallery and probe files of one release")
+        values, counts = np.unique(subjects[mated], return_counts=True)
+        if np.any(counts > 1):
+            subject = values[counts > 1][0]
+            second = first[subjects == subject][1]
+            raise fail(path, line_of_row(path, int(second), True),
+                       f"subject {subject} has a second template ({t[second]}) in this gallery; open-set "
+                       f"identification needs one template per subject and gallery")
+
+
+def read_ijb_protocol(paths: Mapping[str, Path], read_landmark_file: bool = True) -> IJBProtocol:
+    """Read and cross-check the meta files of :func:`ijb_meta_paths` before anything is embedded.
+
+    Raises :class:`utils.meta_files.MetaFileError` (file, line, problem, what to do) for: a line that
+    does not parse (column count, numbers, finite coordinates); an image listed twice; a landmark
+    file that does not list the images of the template/media list in the same order; 5 landmarks
+    that coincide; a pair label other than 0/1, or labels of one kind only; a pair or 1:N template
+    without images; a template with two subjects; an empty 1:N list; a gallery without mated probes
+    or with two templates of one probe subject.
+    """
+    media_path = Path(paths["template_media"])
+    images, templates, medias = read_template_media_list(media_path)
+    if len(images) == 0:
+        raise fail(media_path, None, "lists no image")
+    order = np.argsort(images, kind="stable")
+    repeated = np.flatnonzero(images[order][1:] == images[order][:-1])
+    if len(repeated):
+        row = int(order[repeated[0] + 1])
+        raise fail(media_path, line_of_row(media_path, row), f"image {images[row]} is listed a second time")
+    landmarks = faceness = None
+    if read_landmark_file:
+        landmark_path = Path(paths["landmarks"])
+        lm_images, landmarks, faceness = read_landmarks(landmark_path)
+        common = min(len(lm_images), len(images))
+        differ = np.flatnonzero(lm_images[:common] != images[:common])
+        if len(differ) or len(lm_images) != len(images):
+            row = int(differ[0]) if len(differ) else common
+            line = None
+            problem = f"lists {len(lm_images)} images, {media_path.name} {len(images)}"
+            if row < common:
+                line = line_of_row(landmark_path, row)
+                problem = (f"image {lm_images[row]!r} where {media_path.name} has {images[row]!r} "
+                           f"(its line {line_of_row(media_path, row)})")
+            raise fail(landmark_path, line, f"{problem}; the two files must list the same images in the same order",
+                       "use the landmark and template/media files of one release")
+    unique_templates = np.unique(templates)
+    pair_path = Path(paths["template_pairs"])
+    p1, p2, labels = read_template_pair_list(pair_path)
+    for ids, column in ((p1, "template1"), (p2, "template2")):
+        _check_known_templates(pair_path, ids, unique_templates, media_path, False, column)
+    if not (np.any(labels == 0) and np.any(labels == 1)):
+        raise fail(pair_path, None, "needs both genuine (1) and impostor (0) pairs for TAR@FAR")
+    lists: Dict[str, Tuple[Path, np.ndarray, np.ndarray]] = {}
+    for key in ("gallery_1", "gallery_2", "probe"):
+        path = Path(paths[key])
+        t, s = read_1n_csv(path)
+        if len(t) == 0:
+            raise fail(path, None, "lists no template")
+        _check_known_templates(path, t, unique_templates, media_path, True, "TEMPLATE_ID")
+        lists[path.stem.rsplit("_", 1)[-1] if key != "probe" else "probe"] = (path, t, s)
+    _check_1n_lists(lists)
+    return IJBProtocol(images, templates, medias, p1, p2, labels,
+                       unique_template_subjects(lists["probe"][1], lists["probe"][2]),
+                       {name: unique_template_subjects(t, s) for name, (_, t, s) in lists.items() if name != "probe"},
+                       landmarks, faceness)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,18 +349,10 @@ def image2template_feature_reference(img_feats: np.ndarray, templates: np.ndarra
         return template_feats / np.sqrt(np.sum(template_feats ** 2, -1, keepdims=True)), unique_templates
 
 
-def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: str = "template ids") -> np.ndarray:
-    """Row of each id in the sorted ``unique_templates``; ``ValueError`` naming ids that are absent.
-
-    Integer ids in a compact range go through a lookup table (one gather per id); others through
-    ``np.searchsorted``.
-    """
-    unique_templates = np.asarray(unique_templates)
-    template_ids = np.asarray(template_ids)
-    if unique_templates.ndim != 1 or (len(unique_templates) > 1 and np.any(np.diff(unique_templates) <= 0)):
-        raise ValueError("unique_templates must be sorted and unique (as returned by image2template_feature)")
-    if len(unique_templates) == 0:
-        raise ValueError(f"{what}: there are no templates")
+def _lookup_rows(unique_templates: np.ndarray, template_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(rows, found)``: the row of each id in the sorted, unique ``unique_templates`` (valid where
+    ``found``). Integer ids in a compact range go through a lookup table (one gather per id), others
+    through ``np.searchsorted``."""
     integer = np.issubdtype(unique_templates.dtype, np.integer) and np.issubdtype(template_ids.dtype, np.integer)
     low, high = unique_templates[0], unique_templates[-1]
     if integer and int(high) - int(low) < max(16 * len(unique_templates), 1 << 22):
@@ -266,7 +365,18 @@ def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: 
     else:
         rows = np.searchsorted(unique_templates, template_ids)
         np.clip(rows, 0, len(unique_templates) - 1, out=rows)
-    found = unique_templates[rows] == template_ids
+    return rows, unique_templates[rows] == template_ids
+
+
+def template_rows(unique_templates: np.ndarray, template_ids: np.ndarray, what: str = "template ids") -> np.ndarray:
+    """Row of each id in the sorted ``unique_templates``; ``ValueError`` naming ids that are absent."""
+    unique_templates = np.asarray(unique_templates)
+    template_ids = np.asarray(template_ids)
+    if unique_templates.ndim != 1 or (len(unique_templates) > 1 and np.any(np.diff(unique_templates) <= 0)):
+        raise ValueError("unique_templates must be sorted and unique (as returned by image2template_feature)")
+    if len(unique_templates) == 0:
+        raise ValueError(f"{what}: there are no templates")
+    rows, found = _lookup_rows(unique_templates, template_ids)
     if not found.all():
         missing = np.unique(template_ids[~found])
         raise ValueError(f"{what}: {len(missing)} template id(s) have no images in the template/media list, "

@@ -37,7 +37,7 @@ from data import ValidationPairDataset, ensure_pair_memfiles  # noqa: E402
 from utils.device import resolve_device  # noqa: E402
 from utils.eval_common import (EvalInputError, FeatureSet, add_device_argument, add_fusion_arguments,  # noqa: E402
                                add_loader_arguments, add_model_arguments, embed_dataset, file_safe, load_features,
-                               load_model, model_specs_from_args, run_cli, save_features)
+                               load_model, model_specs_from_args, prepare_output_dir, run_cli, save_features)
 from utils.evaluate_utils import evaluate_pair_set  # noqa: E402
 from utils.pairsets import VAL_SET_NAMES  # noqa: E402
 from utils.report import PAPER_COLUMNS, format_results_table, results_row  # noqa: E402
@@ -83,6 +83,15 @@ def features_of_model(args: argparse.Namespace, spec, dataset: ValidationPairDat
                        "set_names": list(dataset.set_names)}, arrays)
 
 
+def check_fold_counts(dataset: ValidationPairDataset, nrof_folds: int) -> None:
+    """Every pair set must have at least ``nrof_folds`` pairs (checked before anything is embedded)."""
+    small = [f"{name} ({len(dataset.issame(k))} pairs)" for k, name in enumerate(dataset.set_names)
+             if len(dataset.issame(k)) < nrof_folds]
+    if small:
+        raise EvalInputError(f"{', '.join(small)}: fewer pairs than --nrof_folds {nrof_folds}; use a smaller "
+                             f"--nrof_folds")
+
+
 def evaluate_sets(feature_set: FeatureSet, set_names: Sequence[str], nrof_folds: int,
                   source: str) -> Dict[str, Dict[str, float]]:
     """Per set: ``acc``, ``acc_std``, ``best_threshold`` (fractions), from features named ``<set>/<i>``."""
@@ -105,6 +114,8 @@ def evaluate_sets(feature_set: FeatureSet, set_names: Sequence[str], nrof_folds:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     args = build_parser().parse_args(argv)
     set_names = list(dict.fromkeys(args.set_names))
+    if args.nrof_folds < 2:
+        raise EvalInputError(f"--nrof_folds must be at least 2, got {args.nrof_folds}")
     output_dir = Path(args.output_dir)
     per_model: Dict[str, Dict[str, Dict[str, float]]] = {}
 
@@ -121,10 +132,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             per_model[label] = evaluate_sets(saved, set_names, args.nrof_folds, str(path))
     else:
         specs = model_specs_from_args(args)
+        device = resolve_device(args.device)
         root = Path(args.data_root) / args.val_data_path
         ensure_pair_memfiles(root, set_names)              # one error lists every missing set
         dataset = ValidationPairDataset(root, set_names)
-        device = resolve_device(args.device)
+        check_fold_counts(dataset, args.nrof_folds)
+        prepare_output_dir(output_dir)                     # before any model runs
         logger.info("%d images of %d pair sets in %s", len(dataset), len(set_names), root)
         for spec in specs:
             feature_set = features_of_model(args, spec, dataset, device)
@@ -132,9 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                 save_features(output_dir / f"{file_safe(spec.label)}_features.npz", feature_set)
             per_model[spec.label] = evaluate_sets(feature_set, set_names, args.nrof_folds, spec.label)
 
+    prepare_output_dir(output_dir)
     table_rows = {label: results_row({f"{s}_{STAGE}_acc": r[s]["acc"] for s in r}, set_names, STAGE)
                   for label, r in per_model.items()}
-    output_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame([{"model": label, **row} for label, row in table_rows.items()]).to_csv(
         output_dir / "results.csv", index=False, float_format="%.4f")
     pd.DataFrame([{"model": label, "set": s, **values} for label, r in per_model.items()

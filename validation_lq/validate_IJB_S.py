@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import sys
@@ -54,11 +55,13 @@ from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesErr
                                add_device_argument, add_feature_arguments, add_fusion_arguments,
                                add_loader_arguments, add_model_arguments, check_files_exist, check_paths_exist,
                                compute_or_load_features, file_safe, load_features, model_specs_from_args,
-                               run_cli, run_label)
+                               prepare_output_dir, run_cli, run_label)
+from utils.device import resolve_device  # noqa: E402
 from utils.identification import rank_rates, tpir_at_fpir  # noqa: E402
 from utils.ijb import image2template_feature, image_features_for_templates  # noqa: E402
 from utils.image import is_image_file  # noqa: E402
 from utils.messages import name_some  # noqa: E402
+from utils.meta_files import FIX_HINT, fail, line_of_row, read_csv_table  # noqa: E402
 
 logger = logging.getLogger("validate_IJB_S")
 
@@ -99,16 +102,16 @@ class Protocol:
 
 
 def _rows(path: Path, min_columns: int) -> List[Tuple[int, List[str]]]:
-    """``(line number, columns)`` of a csv file after its header line."""
+    """``(line number, columns)`` of a csv file after its header line (split on commas, as published)."""
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if number == 1 or not line.strip():
                 continue
             columns = [c.strip() for c in line.strip().split(",")]
             if len(columns) < min_columns:
-                raise EvalInputError(f"{path}, line {number}: expected at least {min_columns} comma-separated "
-                                     f"columns, found {len(columns)}")
+                raise fail(path, number, f"expected at least {min_columns} comma-separated columns, found "
+                                         f"{len(columns)}: {line.strip()[:120]!r}")
             rows.append((number, columns))
     return rows
 
@@ -117,15 +120,16 @@ def _subject(path: Path, number: int, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise EvalInputError(f"{path}, line {number}: the subject id must be an integer, found {text!r}") from None
+        raise fail(path, number, f"the subject id must be an integer, found {text!r}") from None
 
 
-def media_key(subject: int, file_name: str, source: str) -> str:
-    """``<subject>_videos_<v>`` for ``videos/<v>.mp4``, ``<subject>_img_<i>`` for ``img/<i>.jpg``."""
+def media_key(subject: int, file_name: str, source: str, kind: Optional[str] = None) -> str:
+    """``<subject>_videos_<v>`` for ``videos/<v>.mp4``, ``<subject>_img_<i>`` for ``img/<i>.jpg``;
+    ``kind`` (``'videos'`` or ``'img'``) is the folder the file name must have."""
     parts = file_name.split("/")
-    if len(parts) != 2:
-        raise EvalInputError(f"{source}: expected a file name like videos/<id>.mp4 or img/<id>.jpg, "
-                             f"found {file_name!r}")
+    if len(parts) != 2 or not parts[1] or (kind is not None and parts[0] != kind):
+        want = {"videos": "videos/<id>.mp4", "img": "img/<id>.jpg"}.get(kind, "videos/<id>.mp4 or img/<id>.jpg")
+        raise EvalInputError(f"{source}: expected a file name like {want}, found {file_name!r}; {FIX_HINT}")
     return f"{subject}_{parts[0]}_{os.path.splitext(parts[1])[0]}"
 
 
@@ -141,44 +145,118 @@ def image_key(rel_path: str) -> Optional[str]:
     return None
 
 
+def _read_metadata(path: Path) -> List[Tuple[int, str]]:
+    """The sorted (subject, video) pairs of ``cs6_metadata.csv`` (columns by position, as published).
+
+    Read with pandas and checked on arrays (every line's subject id an integer, video file names
+    ``videos/<v>.mp4``); the line-by-line reader runs only to name a line that lacks columns."""
+    try:
+        table = pd.read_csv(path, header=None, skiprows=1, usecols=[0, 1], dtype=str, keep_default_na=False,
+                            quoting=csv.QUOTE_NONE, engine="c")
+    except pd.errors.EmptyDataError:
+        return []
+    except (pd.errors.ParserError, ValueError):
+        table = None
+    if table is None or (table[1] == "").any():
+        _rows(path, 2)                                   # names the short line, if there is one
+    if table is None:
+        raise fail(path, None, "cannot be read as comma-separated columns SUBJECT_ID,FILENAME,...")
+    subjects = pd.to_numeric(table[0].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    files = table[1].str.strip()
+    bad = ~np.isfinite(subjects) | (subjects % 1 != 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        _subject(path, line_of_row(path, row, header=True), table[0].iloc[row].strip())
+    video = files.str.startswith("videos").to_numpy()
+    odd = video & ~files.str.fullmatch(r"videos/[^/]+").to_numpy()
+    if odd.any():
+        row = int(np.flatnonzero(odd)[0])
+        media_key(0, files.iloc[row], f"{path}, line {line_of_row(path, row, header=True)}", "videos")
+    pairs = pd.DataFrame({"s": subjects[video].astype(np.int64), "v": files[video].to_numpy()}).drop_duplicates()
+    return sorted(zip(pairs["s"].tolist(), pairs["v"].tolist()))
+
+
+def _check_galleries(files: Dict[str, Path], protocol: "Protocol", lines: Dict[str, List[int]]) -> None:
+    """Each gallery has a mated probe, and one template per probe subject (open-set identification)."""
+    for probe_set, gallery_1, gallery_2 in PROTOCOLS.values():
+        probe_subjects = {protocol.templates[i].subject for i in protocol.sets[probe_set]}
+        for gallery in (gallery_1, gallery_2):
+            subjects = [protocol.templates[i].subject for i in protocol.sets[gallery]]
+            if not probe_subjects.intersection(subjects):
+                raise fail(files[gallery], None, f"no subject of this gallery has a probe in {files[probe_set].name}",
+                           "use the protocol files of one release")
+            seen = set()
+            for line, subject in zip(lines[gallery], subjects):
+                if subject in seen and subject in probe_subjects:
+                    raise fail(files[gallery], line, f"subject {subject} has a second template in this gallery; "
+                                                     f"open-set identification needs one per subject and gallery")
+                seen.add(subject)
+
+
 def read_protocol(files: Dict[str, Path]) -> Protocol:
-    """Templates and their probe / gallery sets (see the module docstring)."""
+    """Templates and their probe / gallery sets (see the module docstring).
+
+    Every file is parsed completely and checked before anything is embedded: column counts, integer
+    subject ids, file-name forms, probe videos and gallery (subject, video) pairs known to
+    ``cs6_metadata.csv``, a mated probe in each gallery and one template per probe subject and gallery.
+    Problems raise :class:`utils.meta_files.MetaFileError` naming the file and line.
+    """
     meta_path = files["metadata"]
-    videos = sorted({(_subject(meta_path, n, c[0]), c[1]) for n, c in _rows(meta_path, 2)
-                     if c[1].startswith("videos")})
+    videos = _read_metadata(meta_path)
     templates = [Template(s, [media_key(s, v, str(meta_path))]) for s, v in videos]
     video_index = {sv: i for i, sv in enumerate(videos)}
+    known_videos = {v for _, v in videos}
     sets: Dict[str, np.ndarray] = {}
+    lines: Dict[str, List[int]] = {}
     for probe_set in ("video2image_probe", "video2video_probe"):
-        listed = {c[0] for _, c in _rows(files[probe_set], 1)}
+        path = files[probe_set]
+        listed = set()
+        for number, columns in _rows(path, 1):
+            if columns[0] not in known_videos:
+                raise fail(path, number, f"probe video {columns[0]!r} is not a video of {meta_path.name}",
+                           "use the protocol files of one release")
+            listed.add(columns[0])
         sets[probe_set] = np.array([i for i, (_, v) in enumerate(videos) if v in listed], dtype=np.int64)
     for g in (1, 2):
         path = files[f"surveillance_g{g}"]
-        pairs = sorted({(_subject(path, n, c[1]), c[2]) for n, c in _rows(path, 3)})
-        unknown = [f"{s},{v}" for s, v in pairs if (s, v) not in video_index]
-        if unknown:
-            raise EvalInputError(f"{path}: {len(unknown)} (subject, video) pairs are not in {meta_path.name}: "
-                                 f"{name_some(unknown)}")
+        first_line: Dict[Tuple[int, str], int] = {}
+        for number, columns in _rows(path, 3):
+            pair = (_subject(path, number, columns[1]), columns[2])
+            if pair not in video_index:
+                raise fail(path, number, f"(subject {pair[0]}, video {pair[1]!r}) is not in {meta_path.name}",
+                           "use the protocol files of one release")
+            first_line.setdefault(pair, number)
+        pairs = sorted(first_line)
         sets[f"surveillance_g{g}"] = np.array([video_index[p] for p in pairs], dtype=np.int64)
+        lines[f"surveillance_g{g}"] = [first_line[p] for p in pairs]
 
         path = files[f"single_g{g}"]
         start = len(templates)
-        templates += [Template(_subject(path, n, c[1]), [media_key(_subject(path, n, c[1]), c[2], f"{path}, line {n}")])
-                      for n, c in _rows(path, 3)]
+        rows = _rows(path, 3)
+        for n, c in rows:
+            subject = _subject(path, n, c[1])
+            templates.append(Template(subject, [media_key(subject, c[2], f"{path}, line {n}", "img")]))
         sets[f"single_g{g}"] = np.arange(start, len(templates), dtype=np.int64)
+        lines[f"single_g{g}"] = [n for n, _ in rows]
 
         path = files[f"booking_g{g}"]
         images: Dict[int, List[str]] = {}
+        booking_line: Dict[int, int] = {}
         for n, c in _rows(path, 3):
             subject = _subject(path, n, c[1])
-            images.setdefault(subject, []).append(media_key(subject, c[2], f"{path}, line {n}"))
+            images.setdefault(subject, []).append(media_key(subject, c[2], f"{path}, line {n}", "img"))
+            booking_line.setdefault(subject, n)
         start = len(templates)
         templates += [Template(s, images[s]) for s in sorted(images)]
         sets[f"booking_g{g}"] = np.arange(start, len(templates), dtype=np.int64)
+        lines[f"booking_g{g}"] = [booking_line[s] for s in sorted(images)]
     empty = [name for name, indices in sets.items() if len(indices) == 0]
     if empty:
-        raise EvalInputError(f"{meta_path.parent}: the protocol has no templates for {', '.join(empty)}")
-    return Protocol(templates, sets)
+        raise EvalInputError(f"{meta_path.parent}: the protocol has no templates for {', '.join(empty)} "
+                             f"(empty files?); restore the protocol files from the dataset release")
+    protocol = Protocol(templates, sets)
+    _check_galleries(files, protocol, lines)
+    return protocol
 
 
 def list_aligned_images(image_dir: Path, image_list: Optional[Path]) -> List[str]:
@@ -186,10 +264,7 @@ def list_aligned_images(image_dir: Path, image_list: Optional[Path]) -> List[str
     if image_list is not None:
         if not image_list.is_file():
             raise MissingFilesError(f"{image_list}: image list not found")
-        table = pd.read_csv(image_list)
-        if "path" not in table.columns:
-            raise EvalInputError(f"{image_list}: expected a 'path' column (paths relative to {image_dir})")
-        paths = [str(p) for p in table["path"]]
+        paths = [str(p) for p in read_csv_table(image_list, (("path", "str"),))["path"]]
         check_files_exist(image_dir, paths, "IJB-S images of the image list")
         return paths
     if not image_dir.is_dir():
@@ -274,6 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     protocol_dir = Path(args.protocol_dir) if args.protocol_dir else data_root / "protocols"
     image_dir = Path(args.image_dir) if args.image_dir else data_root / "aligned"
     spec = None if args.features_path else model_specs_from_args(args)[0]
+    if not args.features_path:
+        resolve_device(args.device)
     files = protocol_files(protocol_dir)
     check_paths_exist(files.values(), "IJB-S protocol files")
     protocol = read_protocol(files)
@@ -293,12 +370,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                        "a zero feature, as in the published code: %s", len(empty),
                        name_some([", ".join(t.keys) for t in empty]))
     label = run_label(args, spec)
-    output_dir = Path(args.output_dir or Path("result") / KIND / file_safe(label))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(args.output_dir or Path("result") / KIND / file_safe(label))
+    dataset = None if args.features_path else ImageListDataset([image_dir / n for n in names]).check_first()
 
-    feature_set = compute_or_load_features(args, KIND, names,
-                                           lambda: ImageListDataset([image_dir / n for n in names]),
-                                           spec, output_dir, desc="IJB-S images")
+    feature_set = compute_or_load_features(args, KIND, names, lambda: dataset, spec, output_dir,
+                                           desc="IJB-S images")
     img_feats = image_features_for_templates(feature_set.features, feature_set.norms, feature_set.fusion_method)
     feats = template_features(protocol, img_feats)
 

@@ -37,8 +37,9 @@ from prettytable import PrettyTable  # noqa: E402
 from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesError,  # noqa: E402
                                add_device_argument, add_feature_arguments, add_fusion_arguments,
                                add_loader_arguments, add_model_arguments, check_paths_exist,
-                               compute_or_load_features, file_safe, model_specs_from_args, run_cli,
-                               run_label)
+                               compute_or_load_features, file_safe, model_specs_from_args,
+                               prepare_output_dir, run_cli, run_label)
+from utils.device import resolve_device  # noqa: E402
 from utils.identification import rank_rates  # noqa: E402
 from utils.image import list_images  # noqa: E402
 from utils.messages import name_some  # noqa: E402
@@ -80,7 +81,8 @@ def identity_label(path: Path) -> int:
         return int(prefix)
     except ValueError:
         raise EvalInputError(f"{path}: the identity (file name before the first '_') must be an integer, "
-                             f"found {prefix!r}") from None
+                             f"found {prefix!r}; rename or remove the file (TinyFace names are "
+                             f"<identity>_<n>.jpg)") from None
 
 
 def read_protocol(data_root: Path, aligned_dir: Path, protocol_dir: Optional[Path]
@@ -127,8 +129,12 @@ def read_protocol(data_root: Path, aligned_dir: Path, protocol_dir: Optional[Pat
                 row_of[rel] = len(names)
                 names.append(rel)
             rows[subset].append(row_of[rel])
-    labels = [identity_label(p) for p in listing["Probe"] + listing["Gallery_Match"]]
-    labels += [DISTRACTOR_LABEL] * len(listing["Gallery_Distractor"])
+    probe_labels = [identity_label(p) for p in listing["Probe"]]
+    match_labels = [identity_label(p) for p in listing["Gallery_Match"]]
+    if not set(probe_labels).intersection(match_labels):
+        raise EvalInputError(f"{protocol_dir}: no identity of Probe has an image in Gallery_Match, so no rank "
+                             f"can be measured; check that both folders come from the same TinyFace release")
+    labels = probe_labels + match_labels + [DISTRACTOR_LABEL] * len(listing["Gallery_Distractor"])
     probe_rows = np.array(rows["Probe"], dtype=np.int64)
     gallery_rows = np.array(rows["Gallery_Match"] + rows["Gallery_Distractor"], dtype=np.int64)
     return names, probe_rows, gallery_rows, np.array(labels, dtype=np.int64)
@@ -147,15 +153,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     data_root = Path(args.data_root)
     aligned_dir = data_root / args.aligned_dir_name
     spec = None if args.features_path else model_specs_from_args(args)[0]
+    if not args.features_path:
+        resolve_device(args.device)
     names, probe_rows, gallery_rows, labels = read_protocol(
         data_root, aligned_dir, Path(args.protocol_dir) if args.protocol_dir else None)
     label = run_label(args, spec)
-    output_dir = Path(args.output_dir or Path("result") / KIND / file_safe(label))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(args.output_dir or Path("result") / KIND / file_safe(label))
+    dataset = None if args.features_path else ImageListDataset([aligned_dir / n for n in names]).check_first()
 
-    feature_set = compute_or_load_features(args, KIND, names,
-                                           lambda: ImageListDataset([aligned_dir / n for n in names]),
-                                           spec, output_dir, desc="TinyFace images")
+    feature_set = compute_or_load_features(args, KIND, names, lambda: dataset, spec, output_dir,
+                                           desc="TinyFace images")
     results = tinyface_identification(feature_set.features, probe_rows, gallery_rows, labels)
 
     mated = int(np.isin(labels[:len(probe_rows)], labels[len(probe_rows):]).sum())

@@ -3,6 +3,8 @@
 
 The protocol of the published ``validation_mixed/validate_IJB_BC.py`` (InsightFace's IJB helpers):
 
+* every meta file is parsed completely and cross-checked first (:func:`utils.ijb.read_ijb_protocol`);
+  a bad line is reported (file, line, what to do) before any image is embedded;
 * every image of ``loose_crop/`` is aligned with its 5 landmarks of ``*_name_5pts_score.txt``
   (similarity transform onto the 112x112 reference points) and embedded, with the flipped image
   fused by ``--fusion_method`` when ``--use_flip_test``;
@@ -43,15 +45,15 @@ from matplotlib import pyplot as plt  # noqa: E402
 from prettytable import PrettyTable  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from utils.eval_common import (EvalInputError, ImageListDataset, add_device_argument,  # noqa: E402
-                               add_feature_arguments, add_fusion_arguments, add_loader_arguments,
-                               add_model_arguments, check_files_exist, compute_or_load_features, file_safe,
-                               model_specs_from_args, run_cli, run_label)
+from utils.device import resolve_device  # noqa: E402
+from utils.eval_common import (ImageListDataset, add_device_argument, add_feature_arguments,  # noqa: E402
+                               add_fusion_arguments, add_loader_arguments, add_model_arguments, check_files_exist,
+                               compute_or_load_features, file_safe, model_specs_from_args, prepare_output_dir,
+                               run_cli, run_label)
 from utils.identification import rank_rates  # noqa: E402
-from utils.ijb import (FAR_TARGETS, format_tar_far_table, identification, ijb_meta_paths,  # noqa: E402
-                       image2template_feature, image_features_for_templates, mean_over_galleries, read_1n_csv,
-                       read_landmarks, read_template_media_list, read_template_pair_list,
-                       select_template_features, tar_at_far, unique_template_subjects, verification)
+from utils.ijb import (FAR_TARGETS, IJBProtocol, format_tar_far_table, identification,  # noqa: E402
+                       ijb_meta_paths, image2template_feature, image_features_for_templates, mean_over_galleries,
+                       read_ijb_protocol, select_template_features, tar_at_far, verification)
 
 logger = logging.getLogger("validate_IJB_BC")
 
@@ -92,15 +94,13 @@ def save_roc_plot(path: Path, scores: np.ndarray, labels: np.ndarray, title: str
 
 
 def identification_results(template_feats: np.ndarray, unique_templates: np.ndarray,
-                           paths: Dict[str, Path]) -> Dict[str, Dict[str, float]]:
+                           protocol: IJBProtocol) -> Dict[str, Dict[str, float]]:
     """Per gallery, their mean, and the rank-k of the merged gallery (the published number)."""
-    probe_t, probe_s = unique_template_subjects(*read_1n_csv(paths["probe"]))
+    probe_t, probe_s = protocol.probe
     probe_feats = select_template_features(template_feats, unique_templates, probe_t)
     rows: Dict[str, Dict[str, float]] = {}
     gallery_feats, gallery_subjects = [], []
-    for key, name in (("gallery_1", paths["gallery_1"].stem.rsplit("_", 1)[-1]),
-                      ("gallery_2", paths["gallery_2"].stem.rsplit("_", 1)[-1])):
-        g_t, g_s = unique_template_subjects(*read_1n_csv(paths[key]))
+    for name, (g_t, g_s) in protocol.galleries.items():
         g_feats = select_template_features(template_feats, unique_templates, g_t)
         rows[name] = identification(g_feats, g_s, probe_feats, probe_s, ranks=RANKS, fpirs=FPIRS)
         gallery_feats.append(g_feats)
@@ -131,32 +131,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     spec = None if args.features_path else model_specs_from_args(args)[0]
     parts = ("verification", "identification") if args.features_path else \
         ("landmarks", "verification", "identification")
-    paths = ijb_meta_paths(args.data_root, name, parts=parts)      # one error lists every missing meta file
-    label = run_label(args, spec)
-    output_dir = Path(args.output_dir or Path("result") / name / file_safe(label))
-
-    images, templates, medias = read_template_media_list(paths["template_media"])
-    landmarks = None
     if not args.features_path:
-        lm_images, landmarks, _faceness = read_landmarks(paths["landmarks"])
-        if len(lm_images) != len(images) or np.any(lm_images != images):
-            first = next((i for i in range(min(len(images), len(lm_images))) if images[i] != lm_images[i]),
-                         min(len(images), len(lm_images)))
-            raise EvalInputError(f"{paths['landmarks']} and {paths['template_media']} must list the same images "
-                                 f"in the same order ({len(lm_images)} vs {len(images)} lines; first difference "
-                                 f"at line {first + 1})")
+        resolve_device(args.device)
+    paths = ijb_meta_paths(args.data_root, name, parts=parts)      # one error lists every missing meta file
+    # every meta file is parsed and cross-checked before any image is embedded
+    protocol = read_ijb_protocol(paths, read_landmark_file=not args.features_path)
+    images = protocol.images
+    if not args.features_path:
         check_files_exist(paths["image_dir"], list(images), f"{name} images")
-    p1, p2, pair_labels = read_template_pair_list(paths["template_pairs"])
-    output_dir.mkdir(parents=True, exist_ok=True)
+    label = run_label(args, spec)
+    output_dir = prepare_output_dir(args.output_dir or Path("result") / name / file_safe(label))
+    dataset = None
+    if not args.features_path:
+        dataset = ImageListDataset([paths["image_dir"] / i for i in images], protocol.landmarks).check_first()
 
-    feature_set = compute_or_load_features(
-        args, name, list(images),
-        lambda: ImageListDataset([paths["image_dir"] / i for i in images], landmarks),
-        spec, output_dir, desc=f"{name} images")
+    feature_set = compute_or_load_features(args, name, list(images), lambda: dataset, spec, output_dir,
+                                           desc=f"{name} images")
     img_feats = image_features_for_templates(feature_set.features, feature_set.norms, feature_set.fusion_method)
 
     # 1:1 verification
-    template_feats, unique_templates = image2template_feature(img_feats, templates, medias)
+    template_feats, unique_templates = image2template_feature(img_feats, protocol.templates, protocol.medias)
+    p1, p2, pair_labels = protocol.p1, protocol.p2, protocol.labels
     scores = verification(template_feats, unique_templates, p1, p2, progress=True)
     tar = tar_at_far(scores, pair_labels, FAR_TARGETS)
     tar_table = format_tar_far_table({label: tar}, FAR_TARGETS)
@@ -167,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     save_roc_plot(output_dir / f"roc_{name}.png", scores, pair_labels, f"ROC on {name}", label)
 
     # 1:N identification
-    id_rows = identification_results(template_feats, unique_templates, paths)
+    id_rows = identification_results(template_feats, unique_templates, protocol)
     print(f"\n{name} 1:N identification (%):")
     print(format_identification_table(id_rows))
     pd.DataFrame([{"gallery": k, **v} for k, v in id_rows.items()]).to_csv(
