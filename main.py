@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 import data
 import train_val
+from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
 from utils.report import results_summary
@@ -78,6 +79,7 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
         accumulate_grad_batches=args.accumulate_grad_batches,
         limit_train_batches=50 if args.test_run else 1.0,
         log_every_n_steps=getattr(args, "log_every_n_steps", 50),
+        plugins=[SafeCheckpointIO(trust=getattr(args, "trust_checkpoint", False))],
     )
 
 

@@ -7,6 +7,10 @@ backbone keys and ``head.*`` margin-head keys, pickled training arguments in
 (``module.``) or ``torch.compile`` (``_orig_mod.``) prefixed ones. A checkpoint that does not fit
 the backbone is refused with the missing, unexpected and mis-shaped keys named, and, when its keys
 are those of another architecture, with that architecture's name.
+
+Every file is read by :func:`read_checkpoint`, with the safe unpickler unless the user trusts the
+file (``--trust_checkpoint``, ``trust=True``): a pickle that references anything but the types
+real Lightning / AdaFace checkpoints hold is refused before any of it runs.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import collections
 import functools
 import logging
 import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,53 +40,130 @@ MODEL_PREFIX = 'model.'
 HEAD_PREFIX = 'head.'
 # Wrapper prefixes removed when every key carries them: DDP / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
-# Harmless classes found in Lightning checkpoints (training arguments, scheduler milestones).
-_SAFE_GLOBALS = [argparse.Namespace, collections.Counter, collections.OrderedDict]
-
-
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the backbone."""
 
 
-def read_checkpoint(path: PathLike) -> dict:
+class UntrustedCheckpointError(CheckpointError):
+    """The safe loader refused a checkpoint: its pickle references a type outside the allowlist."""
+
+
+#: How to load a refused file anyway (the command-line flag and the Python argument).
+TRUST_HINT = "--trust_checkpoint (trust=True in Python)"
+
+
+class _AsDict:
+    """Stands in for Lightning's ``AttributeDict`` (a ``dict`` subclass) while unpickling: the safe
+    unpickler fills only plain dicts, so the hyper-parameters arrive as a ``dict``."""
+
+    def __new__(cls, *args: Any) -> dict:  # type: ignore[misc]
+        return dict(*args)
+
+
+class _LegacyModelCheckpointKey:
+    """Stands in for the ``ModelCheckpoint`` class that Lightning < 1.5 used as the key of its
+    state in ``checkpoint['callbacks']``; :func:`read_checkpoint` puts the real class back."""
+
+
+def _numpy_globals() -> list:
+    """numpy scalars, arrays and dtypes, under numpy 2's ``numpy._core`` and numpy 1's ``numpy.core``."""
+    import numpy as np
+    reconstruct, scalar = np.ndarray.__reduce__(np.zeros(1))[0], np.float64(0).__reduce__()[0]
+    allowed: list = [np.ndarray, np.dtype]
+    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+        allowed += [(reconstruct, f'{module}._reconstruct'), (scalar, f'{module}.scalar')]
+    # numpy >= 1.25 gives each dtype its own class; unpickling a dtype sets the state of one
+    allowed += sorted({type(np.dtype(c)) for c in '?bBhHiIlLqQefdg'} - {np.dtype}, key=str)
+    return allowed
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_globals() -> tuple:
+    """What the safe loader may rebuild beyond torch's own allowlist (tensors, ``OrderedDict``,
+    ``Counter``, ...): exactly the types found in real Lightning / AdaFace checkpoints. The
+    published files were written by pytorch-lightning 1.x: training arguments as a dict,
+    ``argparse.Namespace`` or Lightning's ``AttributeDict`` (moved between modules over the
+    versions), numpy scalars among callback scores, ``collections.Counter`` as the scheduler's
+    milestones, and, before Lightning 1.5, the ``ModelCheckpoint`` class as a dictionary key."""
+    attribute_dict = [(_AsDict, f'{module}.AttributeDict') for module in (
+        'pytorch_lightning.utilities.parsing', 'lightning_fabric.utilities.data',
+        'lightning.pytorch.utilities.parsing', 'lightning.fabric.utilities.data',
+        'lightning_lite.utilities.data')]
+    legacy_key = [(_LegacyModelCheckpointKey, f'{module}.ModelCheckpoint') for module in (
+        'pytorch_lightning.callbacks.model_checkpoint', 'lightning.pytorch.callbacks.model_checkpoint')]
+    return tuple([argparse.Namespace, collections.Counter, collections.OrderedDict,
+                  *attribute_dict, *legacy_key, *_numpy_globals()])
+
+
+def read_checkpoint(path: PathLike, trust: bool = False, mmap: bool = False) -> dict:
     """Load a checkpoint file on the CPU and return its top-level dict.
 
-    The safe loader (``weights_only=True``, with ``argparse.Namespace`` allowed) is tried first.
-    Published Lightning files may pickle other objects among their training arguments; those are
-    loaded with ``weights_only=False`` and a logged warning, so only read files you trust.
+    By default only the safe unpickler runs (``torch.load(weights_only=True)`` allowing the
+    types of :func:`_allowed_globals`): a file whose pickle references anything else (code to
+    run, an unknown class) is refused with an :class:`UntrustedCheckpointError` that names the
+    file and the types, before any of it is unpickled. ``trust=True`` (``--trust_checkpoint``)
+    uses the full unpickler instead; only for files from a source you trust. ``mmap=True`` maps
+    the tensors' storage instead of reading it (cheap inspection of a large file).
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    mmap = mmap and zipfile.is_zipfile(path)  # only the zip format (torch >= 1.6) can be mapped
     try:
-        checkpoint = _torch_load(path, weights_only=True)
-    except pickle.UnpicklingError as safe_exc:
-        # The safe unpickler refused something; the full unpickler may still read it.
-        reason = str(safe_exc).strip().splitlines()[-1] if str(safe_exc).strip() else type(safe_exc).__name__
-        try:
-            checkpoint = _torch_load(path, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any failure means: not a readable checkpoint
+        if trust:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)
+        else:
+            with torch.serialization.safe_globals(list(_allowed_globals())):
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_types(path, exc)
+        if refused is None:
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                                   f"({type(exc).__name__}: {_first_line(exc)})") from exc
-        logger.warning("%s: the safe loader (weights_only=True) refused it (%s); loaded it with "
-                       "weights_only=False instead. Only load checkpoints from sources you trust.",
-                       path, reason)
-    except Exception as exc:  # noqa: BLE001
+        raise UntrustedCheckpointError(
+            f"{path}: not loaded: its pickle references {refused}, which is not among the types "
+            f"that checkpoints hold (unpickling it could run code); if you trust the file's "
+            f"source, pass {TRUST_HINT}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a readable checkpoint
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
                               f"({type(exc).__name__}: {_first_line(exc)})") from exc
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(checkpoint).__name__}, "
                               f"not a dict of tensors or a Lightning checkpoint dict")
-    return dict(checkpoint)
+    return _restore_legacy_keys(dict(checkpoint))
 
 
-def _torch_load(path: Path, weights_only: bool) -> Any:
-    if weights_only and hasattr(torch.serialization, 'safe_globals'):
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    return torch.load(path, map_location='cpu', weights_only=weights_only)
+def _refused_types(path: Path, exc: BaseException) -> Optional[str]:
+    """The types the safe loader refused in ``path`` (read statically from the pickle), or
+    ``None`` when ``exc`` is not a refusal but a damaged file."""
+    text = str(exc)
+    if 'Weights only load failed' not in text:
+        return None
+    names: list[str] = []
+    if zipfile.is_zipfile(path):
+        try:
+            with torch.serialization.safe_globals(list(_allowed_globals())):
+                names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - fall back to the unpickler's own words
+            names = []
+    if not names:
+        names = re.findall(r'GLOBAL (\S+)', text)[:1]
+    if names:
+        return ', '.join(names)
+    reasons = [line.strip() for line in text.splitlines() if 'Unpickler error' in line]
+    return reasons[0].split('error:', 1)[-1].strip() if reasons else 'an object outside the allowlist'
+
+
+def _restore_legacy_keys(checkpoint: dict) -> dict:
+    """Put Lightning's ``ModelCheckpoint`` class back where Lightning < 1.5 keyed its state by it."""
+    callbacks = checkpoint.get('callbacks')
+    if isinstance(callbacks, dict) and _LegacyModelCheckpointKey in callbacks:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+        checkpoint['callbacks'] = {ModelCheckpoint if k is _LegacyModelCheckpointKey else k: v
+                                   for k, v in callbacks.items()}
+    return checkpoint
 
 
 def _first_line(exc: BaseException) -> str:
@@ -181,8 +264,10 @@ def _fmt_shape(shape) -> str:
 
 
 def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping], strict: bool = True,
-                          source: Optional[str] = None) -> None:
+                          source: Optional[str] = None, trust: bool = False) -> None:
     """Copy backbone weights from ``checkpoint`` (a file path or an already loaded dict) into ``model``.
+
+    A path is read with :func:`read_checkpoint` (``trust``: see there).
 
     With ``strict=True`` any missing key, unexpected key or shape mismatch raises a
     ``CheckpointError`` that names the file, the offending keys, and, when the checkpoint's keys
@@ -191,7 +276,7 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping]
     """
     if isinstance(checkpoint, (str, Path)):
         source = source or str(checkpoint)
-        checkpoint = read_checkpoint(checkpoint)
+        checkpoint = read_checkpoint(checkpoint, trust=trust)
     source = source or '<dict>'
     loaded = extract_backbone_state_dict(checkpoint, source)
     expected = model.state_dict()
@@ -247,10 +332,11 @@ def architecture_of(checkpoint: Mapping, source: str = '<dict>') -> str:
 
 
 def load_pretrained_backbone(arch: Optional[str], ckpt_path: PathLike,
-                             device: Union[str, torch.device] = 'cpu') -> nn.Module:
+                             device: Union[str, torch.device] = 'cpu', trust: bool = False) -> nn.Module:
     """Build ``arch`` (a name in ``net.ARCHITECTURES``; ``None``: :func:`architecture_of` the
-    checkpoint), load ``ckpt_path`` strictly, move it to ``device`` and return it in eval mode."""
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint), load ``ckpt_path`` strictly, move it to ``device`` and return it in eval mode.
+    ``trust=True`` reads a file that the safe loader refuses (see :func:`read_checkpoint`)."""
+    checkpoint = read_checkpoint(ckpt_path, trust=trust)
     model = build_model(arch or architecture_of(checkpoint, str(ckpt_path)))
     load_backbone_weights(model, checkpoint, strict=True, source=str(ckpt_path))
     return model.to(device).eval()
