@@ -13,6 +13,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 import data
 import train_val
+from utils.checkpoint import check_checkpoint_flags, check_resume_classes
 from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
@@ -32,6 +33,9 @@ def build_module(args, data_module: data.DataModule) -> train_val.Trainer:
     hparams["class_num"] = (args.custom_num_class if args.custom_num_class != -1
                             else data_module.num_classes)
     hparams["val_set_names"] = list(data_module.val_set_names)
+    if args.resume_from_checkpoint and args.custom_num_class == -1:  # known only now, before any folder
+        check_resume_classes(args.resume_from_checkpoint, hparams["class_num"],
+                             trust=getattr(args, "trust_checkpoint", False))
     return train_val.Trainer(**hparams)
 
 
@@ -91,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(argv: Optional[Sequence[str]]) -> None:
     args = get_args(argv)
+    check_checkpoint_flags(args)  # before any data is read or folder created
     if args.demo:
         from utils.demo import prepare_demo_data
         prepare_demo_data(args)

@@ -11,6 +11,7 @@ are those of another architecture, with that architecture's name.
 Every file is read by :func:`read_checkpoint`, with the safe unpickler unless the user trusts the
 file (``--trust_checkpoint``, ``trust=True``): a pickle that references anything but the types
 real Lightning / AdaFace checkpoints hold is refused before any of it runs.
+:func:`check_checkpoint_flags` checks ``main.py``'s checkpoint flags before any work starts.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from net import ARCHITECTURE_CONFIG, ARCHITECTURES, build_model, num_units
+from net import ARCHITECTURE_CONFIG, ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG, build_model, unit_specs
 from utils.errors import UserError
 from utils.messages import name_some
 
@@ -40,6 +41,8 @@ MODEL_PREFIX = 'model.'
 HEAD_PREFIX = 'head.'
 # Wrapper prefixes removed when every key carries them: DDP / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the backbone."""
 
@@ -237,8 +240,22 @@ def _signature(state_dict: Mapping) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((k, tuple(v.shape)) for k, v in state_dict.items())
 
 
+#: Every backbone name a checkpoint can be recognised as: the published ones and the demo ones.
+KNOWN_ARCHITECTURES: tuple[str, ...] = ARCHITECTURES + tuple(SMALL_ARCHITECTURE_CONFIG)
+
+
+def _units_and_se(arch: str) -> tuple[int, bool]:
+    """Number of body units and whether they hold SE blocks, from the configuration tables."""
+    if arch in ARCHITECTURE_CONFIG:
+        num_layers, use_se = ARCHITECTURE_CONFIG[arch]
+    else:
+        num_layers, use_se = SMALL_ARCHITECTURE_CONFIG[arch][:2]
+    return len(unit_specs(num_layers)), use_se
+
+
 def guess_architecture(state_dict: Mapping) -> Optional[str]:
-    """The name in ``ARCHITECTURES`` whose backbone keys and shapes equal those of ``state_dict``.
+    """The name in ``KNOWN_ARCHITECTURES`` (the published backbones and ``ir_tiny``) whose backbone
+    keys and shapes equal those of ``state_dict``.
 
     Any layout ``extract_backbone_state_dict`` accepts works; returns ``None`` when none fits.
     """
@@ -250,8 +267,7 @@ def guess_architecture(state_dict: Mapping) -> Optional[str]:
     # name/shape signature (built once, on the meta device) must then match exactly.
     units = {int(k.split('.')[1]) for k in backbone if k.startswith('body.') and k.split('.')[1].isdigit()}
     has_se = any('.se_block.' in k for k in backbone)
-    candidates = [a for a in ARCHITECTURES
-                  if ARCHITECTURE_CONFIG[a][1] == has_se and num_units(a) == len(units)]
+    candidates = [a for a in KNOWN_ARCHITECTURES if _units_and_se(a) == (len(units), has_se)]
     wanted = sorted(_signature(backbone))
     for arch in candidates:
         if sorted(_architecture_signature(arch)) == wanted:
@@ -280,19 +296,7 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping]
     source = source or '<dict>'
     loaded = extract_backbone_state_dict(checkpoint, source)
     expected = model.state_dict()
-
-    missing = [k for k in expected if k not in loaded]
-    unexpected = [k for k in loaded if k not in expected]
-    mismatched = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {name_some(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {name_some(unexpected)}")
-    if mismatched:
-        details = [f"{k} (checkpoint {_fmt_shape(loaded[k].shape)}, model {_fmt_shape(expected[k].shape)})"
-                   for k in mismatched]
-        problems.append(f"{len(mismatched)} shape mismatch(es): {name_some(details)}")
+    problems, mismatched = _backbone_problems(loaded, {k: tuple(v.shape) for k, v in expected.items()})
 
     if not problems:
         model.load_state_dict(loaded, strict=True)
@@ -313,6 +317,24 @@ def load_backbone_weights(model: nn.Module, checkpoint: Union[PathLike, Mapping]
     logger.warning("%s (strict=False: loaded the %d matching tensors)", message, len(usable))
 
 
+def _backbone_problems(loaded: Mapping, expected: Mapping[str, tuple]) -> tuple[list[str], list[str]]:
+    """What keeps ``loaded`` (a backbone state dict) from fitting ``expected`` (key -> shape): the
+    missing, unexpected and mis-shaped keys, described; and the mis-shaped keys."""
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    mismatched = [k for k in expected if k in loaded and tuple(loaded[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {name_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {name_some(unexpected)}")
+    if mismatched:
+        details = [f"{k} (checkpoint {_fmt_shape(loaded[k].shape)}, model {_fmt_shape(expected[k])})"
+                   for k in mismatched]
+        problems.append(f"{len(mismatched)} shape mismatch(es): {name_some(details)}")
+    return problems, mismatched
+
+
 def architecture_of(checkpoint: Mapping, source: str = '<dict>') -> str:
     """The backbone architecture of a loaded checkpoint: its training arguments'
     ``hyper_parameters.arch``, else the architecture whose keys and shapes it holds
@@ -326,7 +348,7 @@ def architecture_of(checkpoint: Mapping, source: str = '<dict>') -> str:
     if guessed is None:
         raise CheckpointError(f"{source}: cannot tell the backbone architecture (no "
                               f"hyper_parameters.arch, and its keys fit none of "
-                              f"{', '.join(ARCHITECTURES)}); pass --arch")
+                              f"{', '.join(KNOWN_ARCHITECTURES)}); pass --arch")
     logger.info("%s: recognised an %s checkpoint", source, guessed)
     return guessed
 
@@ -381,3 +403,92 @@ def _lightning_version() -> str:
         return version('pytorch-lightning')
     except PackageNotFoundError:
         return 'unknown'
+
+
+# -- main.py's checkpoint flags, checked before any data is read or folder created ------------------
+
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """Check ``--resume_from_checkpoint`` and ``--start_from_model_statedict`` against the other
+    flags of ``main.py``, before any data is read or folder created; raise a
+    :class:`CheckpointError` (one line naming the flag, the file and what to do) when a file is
+    missing, refused by the safe loader (``--trust_checkpoint``), not a Lightning training
+    checkpoint (for resume), of another architecture than ``--arch``, or (for resume) of another
+    head than ``--head`` or ``--custom_num_class``. Each file is mapped (``mmap``), not read: only
+    its pickle is, so checking a large checkpoint costs little."""
+    trust = bool(getattr(args, 'trust_checkpoint', False))
+    if args.resume_from_checkpoint:
+        flag = f"--resume_from_checkpoint {args.resume_from_checkpoint}"
+        checkpoint = _read_for_flag(flag, args.resume_from_checkpoint, trust)
+        _check_resumable(flag, checkpoint)
+        _check_backbone(flag, checkpoint, args.arch)
+        _check_head(flag, checkpoint, args.head, getattr(args, 'custom_num_class', -1))
+    if args.start_from_model_statedict:
+        flag = f"--start_from_model_statedict {args.start_from_model_statedict}"
+        _check_backbone(flag, _read_for_flag(flag, args.start_from_model_statedict, trust), args.arch)
+
+
+def check_resume_classes(path: PathLike, num_classes: int, trust: bool = False) -> None:
+    """Raise a :class:`CheckpointError` unless the margin head of the checkpoint at ``path``
+    (``--resume_from_checkpoint``) has ``num_classes`` classes, as this run's head: the count of
+    the training data is known once the data is indexed, before any folder is created. The file
+    is mapped, not read (see :func:`check_checkpoint_flags`)."""
+    flag = f"--resume_from_checkpoint {path}"
+    kernel = _read_for_flag(flag, path, trust).get('state_dict', {}).get(HEAD_PREFIX + 'kernel')
+    if torch.is_tensor(kernel) and kernel.ndim == 2 and kernel.shape[1] != num_classes:
+        raise CheckpointError(f"{flag} holds a head of {kernel.shape[1]} classes, the training data has "
+                              f"{num_classes}: resume with the training data of that run")
+
+
+def _read_for_flag(flag: str, path: PathLike, trust: bool) -> dict:
+    try:
+        return read_checkpoint(path, trust=trust, mmap=True)
+    except CheckpointError as exc:
+        raise type(exc)(f"{flag.split()[0]} {exc}") from exc
+
+
+def _check_resumable(flag: str, checkpoint: Mapping) -> None:
+    """A Lightning training checkpoint: weights, Lightning's version and the optimiser state."""
+    if 'pytorch-lightning_version' not in checkpoint or 'state_dict' not in checkpoint:
+        tensors = bool(checkpoint) and all(torch.is_tensor(v) for v in checkpoint.values())
+        held = ('a bare state dict' if tensors else
+                f"a dict of {name_some([str(k) for k in checkpoint], 6) or 'nothing'}")
+        raise CheckpointError(f"{flag}: not a Lightning training checkpoint (it holds {held}); "
+                              f"resume from a last.ckpt written by main.py, or start from these "
+                              f"weights with --start_from_model_statedict")
+    if 'optimizer_states' not in checkpoint:
+        raise CheckpointError(f"{flag}: holds the weights only, without the optimiser state that "
+                              f"resuming needs; start from these weights with "
+                              f"--start_from_model_statedict instead")
+
+
+def _check_backbone(flag: str, checkpoint: Mapping, arch: str) -> None:
+    """The checkpoint's backbone has the keys and shapes of ``arch``, else name what it holds."""
+    backbone = extract_backbone_state_dict(checkpoint, flag)
+    problems, _ = _backbone_problems(backbone, dict(_architecture_signature(arch)))
+    if not problems:
+        return
+    held = guess_architecture(backbone)
+    if held is not None:
+        raise CheckpointError(f"{flag} holds {held}, --arch says {arch}: pass --arch {held}")
+    raise CheckpointError(f"{flag} does not fit --arch {arch}: " + '; '.join(problems))
+
+
+def _check_head(flag: str, checkpoint: Mapping, head: str, custom_num_class: int) -> None:
+    """The resumed head is of the type of ``--head`` (AdaFace keeps norm statistics, the others
+    do not) and, when ``--custom_num_class`` is given, of that many classes."""
+    state = checkpoint['state_dict']
+    kernel = state.get(HEAD_PREFIX + 'kernel')
+    if not torch.is_tensor(kernel) or kernel.ndim != 2:
+        raise CheckpointError(f"{flag}: holds no margin head ({HEAD_PREFIX}kernel), so training cannot "
+                              f"resume from it; start from its weights with --start_from_model_statedict")
+    hparams = checkpoint.get('hyper_parameters')
+    trained = hparams.get('head') if isinstance(hparams, Mapping) else getattr(hparams, 'head', None)
+    adaface = HEAD_PREFIX + 'batch_mean' in state
+    if not isinstance(trained, str) or (trained == 'adaface') != adaface:
+        trained = 'adaface' if adaface else 'arcface or cosface'
+    if head not in trained.split(' or '):
+        raise CheckpointError(f"{flag} holds a head trained with --head {trained}, this run says "
+                              f"--head {head}: pass --head {trained.split(' or ')[0]}")
+    if custom_num_class not in (None, -1) and kernel.shape[1] != custom_num_class:
+        raise CheckpointError(f"{flag} holds a head of {kernel.shape[1]} classes, --custom_num_class "
+                              f"says {custom_num_class}")
