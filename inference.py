@@ -12,6 +12,7 @@ Library use (as in the AdaFace README)::
 Command line::
 
     python inference.py [--image_dir DIR] [--architecture ir_50 | --ckpt_path FILE [--arch ARCH]]
+                        [--trust_checkpoint]
                         [--device cpu|cuda] [--fusion_method none|pre_norm_vector_add|...]
                         [--export_onnx PATH]
 

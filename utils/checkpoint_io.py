@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.types import _PATH
 
-from utils.checkpoint import read_checkpoint
+from utils.checkpoint import PathLike, read_checkpoint
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -25,7 +24,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.trust = trust
 
-    def load_checkpoint(self, path: _PATH, map_location: Optional[Callable] = None,
+    def load_checkpoint(self, path: PathLike, map_location: Optional[Callable] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Read ``path`` safely; ``map_location`` and ``weights_only`` are Lightning's and ignored:
         files are read to the CPU, and whether to trust them is this plugin's ``trust``."""

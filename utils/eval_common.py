@@ -9,7 +9,8 @@ saved by an earlier run) and hands them to the metric library (``utils.evaluate_
 * **models**: ``--model_name`` takes the published names of :mod:`utils.pretrained`
   (``ir101_webface12m``, ``ir50_ms1mv2``, ...; ``ir_101_webface12m`` is accepted too); ``--ckpt_path``
   (+ ``--arch``, else read from the checkpoint's ``hyper_parameters`` or recognised from its keys)
-  takes any checkpoint that :mod:`utils.checkpoint` reads;
+  takes any checkpoint that :mod:`utils.checkpoint` reads, with the safe unpickler unless
+  ``--trust_checkpoint`` is given;
 * **device**: ``--device cpu|cuda|cuda:N|auto`` (:func:`utils.device.resolve_device`);
 * **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
   their count, so a broken data folder is reported before any feature is computed;
