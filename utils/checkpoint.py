@@ -488,7 +488,7 @@ def _check_head(flag: str, checkpoint: Mapping, head: str, custom_num_class: int
         trained = 'adaface' if adaface else 'arcface or cosface'
     if head not in trained.split(' or '):
         raise CheckpointError(f"{flag} holds a head trained with --head {trained}, this run says "
-                              f"--head {head}: pass --head {trained.split(' or ')[0]}")
+                              f"--head {head}: pass --head {trained}")
     if custom_num_class not in (None, -1) and kernel.shape[1] != custom_num_class:
         raise CheckpointError(f"{flag} holds a head of {kernel.shape[1]} classes, --custom_num_class "
                               f"says {custom_num_class}")
