@@ -12,6 +12,7 @@ Library use (as in the AdaFace README)::
 Command line::
 
     python inference.py [--image_dir DIR] [--architecture ir_50 | --ckpt_path FILE [--arch ARCH]]
+                        [--trust_checkpoint]
                         [--device cpu|cuda] [--fusion_method none|pre_norm_vector_add|...]
                         [--export_onnx PATH]
 
@@ -68,22 +69,25 @@ EMBED_BATCH_SIZE = 32
 def load_pretrained_model(architecture: Optional[str] = None,
                           ckpt_path: Union[str, Path, None] = None,
                           device: Union[str, torch.device] = 'cpu',
-                          pretrained_dir: Union[str, Path, None] = None) -> nn.Module:
+                          pretrained_dir: Union[str, Path, None] = None,
+                          trust: bool = False) -> nn.Module:
     """The AdaFace backbone with its trained weights, in eval mode on ``device``.
 
     Without ``ckpt_path`` the published checkpoint of ``architecture`` (default ``ir_50``) is
     taken from ``pretrained/`` (see :func:`utils.pretrained.find_pretrained_checkpoint`). With
     ``ckpt_path`` any checkpoint that ``utils.checkpoint`` reads is loaded; when
     ``architecture`` is None it is read from the checkpoint (its training arguments, else its
-    keys). Raises ``CheckpointError`` (:class:`utils.pretrained.MissingCheckpointError` saying
-    what to download and where to put it) with the file named when a checkpoint is missing or
-    does not fit; ``ValueError`` for an unknown architecture or an unusable device.
+    keys). The file is read with the safe unpickler; ``trust=True`` allows the full one, which
+    can run code stored in the file (:func:`utils.checkpoint.read_checkpoint`). Raises
+    ``CheckpointError`` (:class:`utils.pretrained.MissingCheckpointError` saying what to download
+    and where to put it) with the file named when a checkpoint is missing, refused or does not
+    fit; ``ValueError`` for an unknown architecture or an unusable device.
     """
     device = resolve_device(device)
     if ckpt_path is None:
         architecture = architecture or DEFAULT_ARCH
         ckpt_path = find_pretrained_checkpoint(architecture, pretrained_dir)
-    return load_pretrained_backbone(architecture, ckpt_path, device)
+    return load_pretrained_backbone(architecture, ckpt_path, device, trust=trust)
 
 
 # -- aligning, embedding, comparing ---------------------------------------------------------
@@ -248,6 +252,10 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--ckpt_path", default=None,
                         help="checkpoint file to load instead of the published one (Lightning "
                              "checkpoint or backbone state dict)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="read the checkpoint with the full unpickler, which can run code stored in "
+                             "the file: only for files from a source you trust (by default anything but "
+                             "tensors and training arguments is refused)")
     parser.add_argument("--pretrained_dir", default=str(PRETRAINED_DIR),
                         help="folder holding the published checkpoints (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
@@ -277,7 +285,8 @@ def _image_folder(image_dir: Optional[str]) -> Path:
 def _run(argv: Optional[Sequence[str]]) -> None:
     args = _parse_args(argv)
     model = load_pretrained_model(args.architecture, ckpt_path=args.ckpt_path,
-                                  device=args.device, pretrained_dir=args.pretrained_dir)
+                                  device=args.device, pretrained_dir=args.pretrained_dir,
+                                  trust=args.trust_checkpoint)
     if args.export_onnx:
         report = export_and_check(model, args.export_onnx)
         print(f"wrote {args.export_onnx} (input 'input' [batch, 3, 112, 112] BGR in [-1, 1]; "

@@ -14,6 +14,8 @@ from pytorch_lightning.loggers import CSVLogger
 
 import data
 import train_val
+from utils.checkpoint import check_checkpoint_flags, check_resume_classes
+from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
 from utils.report import results_summary
@@ -32,6 +34,9 @@ def build_module(args, data_module: data.DataModule) -> train_val.Trainer:
     hparams["class_num"] = (args.custom_num_class if args.custom_num_class != -1
                             else data_module.num_classes)
     hparams["val_set_names"] = list(data_module.val_set_names)
+    if args.resume_from_checkpoint and args.custom_num_class == -1:  # known only now, before any folder
+        check_resume_classes(args.resume_from_checkpoint, hparams["class_num"],
+                             trust=getattr(args, "trust_checkpoint", False))
     return train_val.Trainer(**hparams)
 
 
@@ -79,6 +84,7 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
         accumulate_grad_batches=args.accumulate_grad_batches,
         limit_train_batches=50 if args.test_run else 1.0,
         log_every_n_steps=getattr(args, "log_every_n_steps", 50),
+        plugins=[SafeCheckpointIO(trust=getattr(args, "trust_checkpoint", False))],
     )
 
 
@@ -109,6 +115,7 @@ def remove_failed_output(folder: str) -> None:
 
 def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> None:
     args = get_args(argv)
+    check_checkpoint_flags(args)  # before any data is read or folder created
     if created is not None and not os.path.exists(args.output_dir):
         created.append(args.output_dir)
     if args.demo:

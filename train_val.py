@@ -65,7 +65,8 @@ class Trainer(pl.LightningModule):
         self.last_embeddings: Optional[Dict[str, np.ndarray]] = None
         if hp.get("start_from_model_statedict"):
             path = hp.start_from_model_statedict
-            load_backbone_weights(self.model, read_checkpoint(path), strict=True, source=str(path))
+            checkpoint = read_checkpoint(path, trust=bool(hp.get("trust_checkpoint")))
+            load_backbone_weights(self.model, checkpoint, strict=True, source=str(path))
             logger.info("backbone initialised from %s", path)
 
     # ------------------------------------------------------------------ training

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
-import pickle
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from net import build_model
 from utils.checkpoint import (
     CheckpointError,
+    UntrustedCheckpointError,
     architecture_of,
     extract_backbone_state_dict,
     guess_architecture,
@@ -277,16 +277,18 @@ def test_head_only_checkpoint_is_refused():
         extract_backbone_state_dict(given, source='head_only.ckpt')
 
 
-def test_untrusted_objects_fall_back_with_a_warning(tmp_path, trained_ir18, caplog):
+def test_unlisted_objects_are_refused_unless_trusted(tmp_path, trained_ir18, caplog):
     hparams = published_hparams()
-    hparams.output_dir = pathlib.PurePosixPath('/experiments/run1')  # not allowed by weights_only
-    path = save_lightning_style_checkpoint(tmp_path / 'fallback.ckpt', trained_ir18, hyper_parameters=hparams)
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)
+    hparams.output_dir = pathlib.PurePosixPath('/experiments/run1')  # a harmless class, not allowlisted
+    path = save_lightning_style_checkpoint(tmp_path / 'unlisted.ckpt', trained_ir18, hyper_parameters=hparams)
+    with pytest.raises(UntrustedCheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f'{path}: not loaded: its pickle references pathlib.PurePosixPath')
+    assert '--trust_checkpoint' in message and 'trust=True' in message and '\n' not in message
     with caplog.at_level(logging.WARNING, logger='utils.checkpoint'):
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, trust=True)
+    assert caplog.records == []
     assert checkpoint['hyper_parameters'].output_dir == pathlib.PurePosixPath('/experiments/run1')
-    assert 'weights_only=False' in caplog.text and str(path) in caplog.text
-    model = build_model('ir_18')
-    load_backbone_weights(model, checkpoint, source=str(path))
+    model = load_pretrained_backbone('ir_18', path, trust=True)
     assert torch.equal(model.body[0].res_layer[1].weight, trained_ir18.body[0].res_layer[1].weight)

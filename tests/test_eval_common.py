@@ -60,9 +60,12 @@ def test_load_model_reads_the_architecture_from_the_checkpoint(tmp_path):
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], reference(x)[0])
-    bare = save_lightning_style_checkpoint(tmp_path / "bare.ckpt", reference)
+    bare = save_lightning_style_checkpoint(tmp_path / "bare.ckpt", reference)  # recognised from its keys
+    assert load_model(ModelSpec("bare", bare), "cpu").arch == "ir_tiny"
+    partial = {k: v for k, v in reference.state_dict().items() if k != "output_layer.3.bias"}
+    unknown = save_lightning_style_checkpoint(tmp_path / "unknown.ckpt", partial)
     with pytest.raises(CheckpointError, match="pass --arch"):
-        load_model(ModelSpec("bare", bare), "cpu")
+        load_model(ModelSpec("unknown", unknown), "cpu")
 
 
 def test_str2bool():

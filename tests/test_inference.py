@@ -126,11 +126,14 @@ def test_load_from_pretrained_dir_and_guess_architecture(ir18_pretrained_dir):
 def test_checkpoint_of_another_architecture_is_refused(tiny, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="does not fit the ir_18 backbone"):
         inference.load_pretrained_model("ir_18", ckpt_path=tiny[1])
-    # the architecture comes from the training arguments; without them ir_tiny is not guessed
+    # the architecture comes from the training arguments, else from the keys
     assert inference.load_pretrained_model(ckpt_path=tiny[1]).arch == "ir_tiny"
     bare = save_lightning_style_checkpoint(tmp_path / "bare.ckpt", tiny[0])
+    assert inference.load_pretrained_model(ckpt_path=bare).arch == "ir_tiny"
+    partial = {k: v for k, v in tiny[0].state_dict().items() if k != "output_layer.3.bias"}
+    unknown = save_lightning_style_checkpoint(tmp_path / "unknown.ckpt", partial)
     with pytest.raises(CheckpointError, match="--arch"):
-        inference.load_pretrained_model(ckpt_path=bare)
+        inference.load_pretrained_model(ckpt_path=unknown)
     with pytest.raises(ValueError, match="--device .tpu. is not a device"):
         inference.load_pretrained_model(ckpt_path=tiny[1], device="tpu")
     assert inference.main(["--ckpt_path", str(tiny[1]), "--arch", "ir_50"]) == 2

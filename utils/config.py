@@ -7,7 +7,7 @@
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
   ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
-  ``--output_dir`` and ``--experiments_root`` are new.
+  ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new.
 """
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only evaluate (use with --start_from_model_statedict)")
     run.add_argument("--resume_from_checkpoint", type=str, default="")
     run.add_argument("--start_from_model_statedict", type=str, default="")
+    run.add_argument("--trust_checkpoint", action="store_true",
+                     help="read --resume_from_checkpoint / --start_from_model_statedict with the full "
+                          "unpickler, which can run code stored in the file: only for files from a source "
+                          "you trust (by default anything but tensors and training arguments is refused)")
     run.add_argument("--use_wandb", action="store_true")
     run.add_argument("--save_all_models", action="store_true")
     run.add_argument("--demo", action="store_true",

@@ -9,7 +9,8 @@ saved by an earlier run) and hands them to the metric library (``utils.evaluate_
 * **models**: ``--model_name`` takes the published names of :mod:`utils.pretrained`
   (``ir101_webface12m``, ``ir50_ms1mv2``, ...; ``ir_101_webface12m`` is accepted too); ``--ckpt_path``
   (+ ``--arch``, else read from the checkpoint's ``hyper_parameters`` or recognised from its keys)
-  takes any checkpoint that :mod:`utils.checkpoint` reads;
+  takes any checkpoint that :mod:`utils.checkpoint` reads, with the safe unpickler unless
+  ``--trust_checkpoint`` is given;
 * **device**: ``--device cpu|cuda|cuda:N|auto`` (:func:`utils.device.resolve_device`);
 * **inputs**: :func:`check_files_exist` raises one error naming the first few missing files and
   their count, :func:`prepare_output_dir` checks that ``--output_dir`` is writable and
@@ -134,10 +135,11 @@ class ModelSpec:
     label: str
     ckpt_path: Path
     arch: Optional[str] = None
+    trust: bool = False  # read with the full unpickler (--trust_checkpoint)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False) -> None:
-    """``--model_name`` / ``--ckpt_path`` (+ ``--arch``, ``--pretrained_dir``)."""
+    """``--model_name`` / ``--ckpt_path`` (+ ``--arch``, ``--pretrained_dir``, ``--trust_checkpoint``)."""
     nargs = "+" if multiple else None
     many = " (one or more)" if multiple else ""
     parser.add_argument("--model_name", nargs=nargs, default=None,
@@ -150,6 +152,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False)
                              "checkpoint's hyper_parameters.arch, else recognised from its keys")
     parser.add_argument("--pretrained_dir", default=str(PRETRAINED_DIR),
                         help="folder of the published checkpoints (default: %(default)s)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="read the checkpoints with the full unpickler, which can run code stored in "
+                             "the file: only for files from a source you trust (by default anything but "
+                             "tensors and training arguments is refused)")
 
 
 def _as_list(value) -> List:
@@ -161,6 +167,7 @@ def _as_list(value) -> List:
 def model_specs_from_args(args: argparse.Namespace) -> List[ModelSpec]:
     """The models selected on the command line; published files are checked to exist here."""
     names, paths, archs = _as_list(args.model_name), _as_list(args.ckpt_path), _as_list(args.arch)
+    trust = bool(getattr(args, "trust_checkpoint", False))
     if names and paths:
         raise EvalInputError("give either --model_name or --ckpt_path, not both")
     if not names and not paths:
@@ -172,7 +179,7 @@ def model_specs_from_args(args: argparse.Namespace) -> List[ModelSpec]:
             raise EvalInputError("--arch goes with --ckpt_path; --model_name implies the architecture")
         for name in names:
             path, arch = published_checkpoint(name, args.pretrained_dir)
-            specs.append(ModelSpec(canonical_model_name(name), path, arch))
+            specs.append(ModelSpec(canonical_model_name(name), path, arch, trust))
         return specs
     if len(archs) not in (0, 1, len(paths)):
         raise EvalInputError(f"give one --arch for all checkpoints or one per checkpoint "
@@ -188,7 +195,7 @@ def model_specs_from_args(args: argparse.Namespace) -> List[ModelSpec]:
         if label in labels:
             label = f"{label}#{i + 1}"
         labels.append(label)
-        specs.append(ModelSpec(label, Path(path), arch))
+        specs.append(ModelSpec(label, Path(path), arch, trust))
     return specs
 
 
@@ -198,10 +205,13 @@ def file_safe(label: str) -> str:
     return safe or "model"
 
 
-def load_model(spec: ModelSpec, device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_model(spec: ModelSpec, device: Union[str, torch.device] = "cpu",
+               trust: Optional[bool] = None) -> nn.Module:
     """The backbone of ``spec`` with its weights loaded strictly, on ``device``, in eval mode; a
-    missing ``spec.arch`` is filled in from the checkpoint (its training arguments, else its keys)."""
-    model = load_pretrained_backbone(spec.arch, spec.ckpt_path, device)
+    missing ``spec.arch`` is filled in from the checkpoint (its training arguments, else its keys).
+    The file is read with the safe unpickler unless ``trust`` (default: ``spec.trust``) is true."""
+    trust = spec.trust if trust is None else trust
+    model = load_pretrained_backbone(spec.arch, spec.ckpt_path, device, trust=trust)
     spec.arch = model.arch
     logger.info("loaded %s (%s) from %s", spec.label, spec.arch, spec.ckpt_path)
     return model
