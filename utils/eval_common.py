@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ from utils.checkpoint import load_pretrained_backbone
 from utils.device import resolve_device
 from utils.errors import UserError
 from utils.features import extract_features
-from utils.files import write_atomically
+from utils.files import is_writable_folder, write_atomically
 from utils.fusion import FUSION_METHODS
 from utils.image import check_input_size, load_image_file, rgb_to_tensor
 from utils.messages import name_some
@@ -110,14 +111,20 @@ def check_paths_exist(paths: Iterable[PathLike], what: str = "files") -> None:
         raise MissingFilesError(f"{len(missing)} {what} missing:\n  " + "\n  ".join(missing))
 
 
-def prepare_output_dir(path: PathLike) -> Path:
-    """Create ``path`` (the ``--output_dir``) and check that a file can be written in it, so that an
-    unusable folder is reported before any feature is computed rather than after."""
+def prepare_output_dir(path: PathLike, create: bool = True) -> Path:
+    """Check that files can be written in ``path`` (the ``--output_dir``), so that an unusable folder
+    is reported before any feature is computed rather than after; create it unless ``create`` is
+    False (a check before the work, when a failed run should leave nothing behind)."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif path.exists() and not path.is_dir():
+            raise FileExistsError(errno.EEXIST, "a file of that name exists")
+        elif not is_writable_folder(path):
+            raise PermissionError(errno.EACCES, "permission denied or read-only file system")
     except OSError as exc:
         reason = "a file of that name exists" if path.is_file() else (exc.strerror or str(exc))
         raise EvalInputError(f"--output_dir {path}: cannot write results there ({reason}); choose a writable "

@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ensure_pair_memfiles(root, set_names)              # one error lists every missing set
         dataset = ValidationPairDataset(root, set_names)
         check_fold_counts(dataset, args.nrof_folds)
-        prepare_output_dir(output_dir)                     # before any model runs
+        prepare_output_dir(output_dir, create=False)       # before any model runs
         logger.info("%d images of %d pair sets in %s", len(dataset), len(set_names), root)
         for spec in specs:
             feature_set = features_of_model(args, spec, dataset, device)
