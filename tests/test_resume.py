@@ -224,3 +224,36 @@ def test_order_and_augmentation_depend_on_seed_epoch_and_index_only(tiny):
     single.set_position(1, 3)
     assert _same(_items(dm, single, num_workers=2), whole[3:])
     assert _same(_items(dm, single, num_workers=0), whole)
+
+
+def test_a_random_state_per_call_gives_the_published_augmenter_draw_for_draw():
+    import numpy as np
+    from PIL import Image
+
+    from test_augment import _published_augment, _textured_image
+    from utils.augment import Augmenter
+
+    aug = Augmenter(0.5, 0.5, 0.5)
+    for seed in range(12):
+        image = _textured_image(20 + seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        expected = np.asarray(_published_augment(Image.fromarray(image), 0.5, 0.5, 0.5))
+        torch.manual_seed(seed)
+        assert np.array_equal(aug.augment(image, rng=np.random.RandomState(seed)), expected), seed
+
+
+def test_mid_epoch_resume_with_other_sizes_is_refused_in_one_line(tiny):
+    from data import ResumeMismatchError
+    from utils.config import ConfigError, get_args
+
+    dm = DataModule(data_root=tiny, train_data_path=".", val_data_path=".", batch_size=4, num_workers=0,
+                    seed=3)
+    loader = dm.train_dataloader()
+    state = loader.state_dict()
+    assert state == {"dataset_size": 16, "batch_size": 4, "num_replicas": 1, "seed": 3}
+    loader.load_state_dict(state)
+    with pytest.raises(ResumeMismatchError, match=r"batch_size 8 then, 4 now.*last\.ckpt"):
+        loader.load_state_dict({**state, "batch_size": 8})
+    with pytest.raises(ConfigError, match="--save_every_n_steps must be >= 0"):
+        get_args(["--save_every_n_steps", "-1"])
