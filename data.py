@@ -264,8 +264,8 @@ class RecordFaceDataset(FaceTrainDataset):
 
     def __init__(self, rec_path: PathLike, augmenter: Optional[Augmenter] = None,
                  swap_color_channel: bool = False, skip_corrupt_images: bool = False,
-                 random_flip: bool = True, seed: int = 0, cache_dir: Optional[PathLike] = None,
-                 show_progress: bool = True):
+                 random_flip: bool = True, cache_dir: Optional[PathLike] = None,
+                 show_progress: bool = True, seed: int = 0):
         super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip, seed)
         self.rec_path = Path(rec_path)
         if not self.rec_path.is_file():

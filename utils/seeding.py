@@ -23,8 +23,7 @@ import torch
 
 # Stream tags: the second word of every seed tuple, so that no two streams share a tuple.
 SHUFFLE_STREAM = 0
-SAMPLE_STREAM = 1         # NumPy draws of one sample
-SAMPLE_TORCH_STREAM = 2   # torch draws of one sample
+SAMPLE_STREAM = 1
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -38,15 +37,20 @@ def stream_seed(*words: int) -> int:
 
 @contextlib.contextmanager
 def sample_random_state(seed: int, epoch: int, index: int) -> Iterator[np.random.RandomState]:
-    """The random state of sample ``index`` in ``epoch``: yields its NumPy ``RandomState``; torch's
-    CPU generator is seeded for the sample inside the block and restored when it ends (so the
-    caller's own torch stream, e.g. dropout in the main process, is untouched)."""
-    words = [int(seed) % (1 << 64), SAMPLE_STREAM, int(epoch), int(index)]
-    numpy_state = np.random.RandomState(np.random.MT19937(np.random.SeedSequence(words)))
-    torch_seed = stream_seed(seed, SAMPLE_TORCH_STREAM, epoch, index)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(torch_seed)
+    """The random state of sample ``index`` in ``epoch``: yields its NumPy ``RandomState`` (on a
+    PCG64 bit generator: cheap to create, about 40 us); torch's CPU generator is seeded for the
+    sample inside the block and restored when it ends (so the caller's own torch stream, e.g.
+    dropout in the main process, is untouched)."""
+    sequence = np.random.SeedSequence([int(seed) % (1 << 64), SAMPLE_STREAM, int(epoch), int(index)])
+    numpy_state = np.random.RandomState(np.random.PCG64(sequence))
+    # PCG64 takes the sequence's first 4 words; the 5th seeds torch
+    torch_seed = int(sequence.generate_state(5, np.uint64)[4]) & _SEED_MASK
+    saved = torch.get_rng_state()
+    torch.default_generator.manual_seed(torch_seed)
+    try:
         yield numpy_state
+    finally:
+        torch.set_rng_state(saved)
 
 
 def capture_rng_states() -> Dict[str, Any]:
