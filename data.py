@@ -32,7 +32,7 @@ import random
 import re
 from argparse import Namespace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -517,14 +517,14 @@ class EpochSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
         epoch, skip = self.epoch, self._skip_batches
         self._skip_batches = 0
-        order = self.permutation(epoch).tolist()
-        if self.total_size > len(order):
-            order += (order * (self.total_size // max(1, len(order)) + 1))[:self.total_size - len(order)]
-        mine = order[self.rank:self.total_size:self.num_replicas]
-        return iter([(index, epoch) for index in mine[skip * self.batch_size:]])
+        order = self.permutation(epoch)
+        if self.total_size > len(order):  # pad with the first entries (as often as needed)
+            order = order.repeat(-(-self.total_size // max(1, len(order))))
+        mine = order[self.rank:self.total_size:self.num_replicas][skip * self.batch_size:].tolist()
+        return ((index, epoch) for index in mine)
 
 
 class TrainDataLoader(DataLoader):

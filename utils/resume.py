@@ -18,15 +18,12 @@ the global random generators (``utils.seeding``).
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
-
-logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
