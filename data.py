@@ -15,6 +15,13 @@ Every training image is decoded to RGB (``utils.image``), red and blue are excha
 (``utils.augment``), flipped horizontally with probability 0.5 and turned into the BGR ``[-1, 1]``
 network input by ``utils.image.rgb_to_tensor``. Training items are ``(image, label)``; validation
 and test items are ``(image, issame_of_its_pair, set_index, global_image_index)``.
+
+Training order and augmentation are functions of (seed, epoch, sample index) only: the training
+loader's :class:`EpochSampler` permutes the samples per epoch, gives each process its share and
+yields ``(index, epoch)`` keys, and the dataset draws every random number of that key from its own
+stream (``utils.seeding.sample_random_state``). The result does not depend on ``num_workers``,
+persistent workers or the number of processes, and a resumed run (even mid-epoch, see
+``utils.resume``) continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
@@ -26,13 +33,13 @@ import random
 import re
 from argparse import Namespace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.augment import Augmenter
 from utils.errors import UserError
@@ -43,6 +50,8 @@ from utils.pairsets import (VAL_SET_NAMES, ensure_memfile, locate_memfile, memfi
                             open_memfile)
 from utils.recordio import (RecordIOError, RecordReader, load_face_pack_index,
                             read_face_record)
+from utils.resume import training_position
+from utils.seeding import SHUFFLE_STREAM, sample_random_state, stream_seed
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +86,19 @@ class FaceTrainDataset(Dataset):
     Subclasses hold ``labels`` (int64, one per sample) and implement :meth:`_read_rgb` and
     :meth:`source_of`. With ``skip_corrupt_images`` a bad sample is logged, counted in
     :attr:`skipped_count` (shared by DataLoader workers) and replaced by a random other sample.
+
+    Keys: ``dataset[(index, epoch)]`` (what :class:`EpochSampler` yields) draws every random number
+    (augmentation, flip, replacement of a bad sample) from the stream of (``seed``, epoch, index);
+    a plain ``dataset[index]`` draws from the global NumPy and torch generators, as published.
     """
 
     def __init__(self, augmenter: Optional[Augmenter] = None, swap_color_channel: bool = False,
-                 skip_corrupt_images: bool = False, random_flip: bool = True):
+                 skip_corrupt_images: bool = False, random_flip: bool = True, seed: int = 0):
         self.augmenter = augmenter if augmenter is not None else Augmenter(0.0, 0.0, 0.0)
         self.swap_color_channel = bool(swap_color_channel)
         self.skip_corrupt_images = bool(skip_corrupt_images)
         self.random_flip = bool(random_flip)
+        self.seed = int(seed)
         self.labels = np.zeros(0, dtype=np.int64)
         self.identity_names: List[str] = []
         self._skipped = multiprocessing.Value("q", 0)
@@ -123,12 +137,23 @@ class FaceTrainDataset(Dataset):
             raise BadSampleError(str(exc)) from exc
         return swap_red_blue(rgb) if self.swap_color_channel else rgb
 
-    def augmented_rgb(self, index: int) -> np.ndarray:
-        """Decoded, swapped (if configured) and augmented, before the flip."""
-        return self.augmenter.augment(self.load_rgb(index))
+    def augmented_rgb(self, index: int, epoch: int = 0) -> np.ndarray:
+        """Decoded, swapped (if configured) and augmented as in ``epoch``, before the flip."""
+        with sample_random_state(self.seed, epoch, index) as rng:
+            return self.augmenter.augment(self.load_rgb(index), rng=rng)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        index = int(index)
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            index, epoch = int(key[0]), int(key[1])
+            with sample_random_state(self.seed, epoch, index) as rng:
+                return self._sample(index, rng)
+        return self._sample(int(key), None)
+
+    def _sample(self, index: int, rng: Optional[np.random.RandomState]
+                ) -> Tuple[torch.Tensor, int]:
+        """Item ``index``; NumPy draws from ``rng`` (``np.random`` if None), torch's from its
+        global generator."""
+        numpy_random = rng if rng is not None else np.random
         for attempt in range(MAX_CONSECUTIVE_BAD_SAMPLES):
             try:
                 rgb = self.load_rgb(index)
@@ -140,11 +165,11 @@ class FaceTrainDataset(Dataset):
                     self._skipped.value += 1
                 logger.warning("skipping bad training sample %d (%s)", index, exc)
                 if len(self) > 1:  # a random other sample
-                    index = (index + 1 + int(np.random.randint(len(self) - 1))) % len(self)
+                    index = (index + 1 + int(numpy_random.randint(len(self) - 1))) % len(self)
         else:
             raise TrainDataError(f"{MAX_CONSECUTIVE_BAD_SAMPLES} bad samples in a row "
                                  f"(last: {self.source_of(index)}); is the training data intact?")
-        rgb = self.augmenter.augment(rgb)
+        rgb = self.augmenter.augment(rgb, rng=rng)
         if self.random_flip and torch.rand(1).item() < 0.5:
             rgb = rgb[:, ::-1]
         return rgb_to_tensor(rgb), int(self.labels[index])
@@ -216,8 +241,8 @@ class ImageFolderFaceDataset(FaceTrainDataset):
 
     def __init__(self, root: PathLike, augmenter: Optional[Augmenter] = None,
                  swap_color_channel: bool = False, skip_corrupt_images: bool = False,
-                 random_flip: bool = True):
-        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip)
+                 random_flip: bool = True, seed: int = 0):
+        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip, seed)
         self.root = Path(root)
         self.identity_names, self.rel_paths, self.labels = scan_image_folder(self.root)
         logger.info("image folder %s: %d images of %d identities", self.root, len(self),
@@ -242,8 +267,8 @@ class RecordFaceDataset(FaceTrainDataset):
     def __init__(self, rec_path: PathLike, augmenter: Optional[Augmenter] = None,
                  swap_color_channel: bool = False, skip_corrupt_images: bool = False,
                  random_flip: bool = True, cache_dir: Optional[PathLike] = None,
-                 show_progress: bool = True):
-        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip)
+                 show_progress: bool = True, seed: int = 0):
+        super().__init__(augmenter, swap_color_channel, skip_corrupt_images, random_flip, seed)
         self.rec_path = Path(rec_path)
         if not self.rec_path.is_file():
             raise TrainDataError(f"{self.rec_path}: training pack not found (with --use_mxrecord "
@@ -436,10 +461,96 @@ class ValidationPairDataset(Dataset):
 # DataLoader helpers
 # ----------------------------------------------------------------------------------------------
 def worker_init_fn(worker_id: int) -> None:
-    """Seed NumPy and ``random`` in each DataLoader worker from torch's per-worker seed."""
+    """Seed NumPy and ``random`` in each DataLoader worker from torch's per-worker seed (for code
+    that draws from the global generators; training samples use their own streams)."""
     seed = torch.initial_seed() % (2 ** 32)
     np.random.seed(seed)
     random.seed(seed)
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """A mid-epoch checkpoint cannot be resumed with this data, batch size or seed."""
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation of the samples that depends on (seed, epoch) only, of
+    which each of ``num_replicas`` processes takes every ``num_replicas``-th entry from ``rank``
+    (as ``DistributedSampler`` does, so Lightning leaves it in place under DDP).
+
+    With ``drop_last`` the epoch holds only whole global batches (``batch_size`` per process times
+    ``num_replicas``), so the union of the processes' batch ``k`` is the single-process batch
+    ``k`` of the same global size; without it the permutation is padded with its first entries to a
+    multiple of ``num_replicas``. Items are ``(index, epoch)`` keys for
+    :class:`FaceTrainDataset`. :meth:`set_epoch` (called by Lightning every epoch) picks the epoch;
+    :meth:`set_position` also skips the first batches of it (a mid-epoch resume); the skip applies
+    to the next iteration only.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0, drop_last: bool = True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.dataset_size = int(dataset_size)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.drop_last = bool(drop_last)
+        self.shuffle = True
+        self.epoch = 0
+        self._skip_batches = 0
+        global_batch = self.batch_size * self.num_replicas
+        if self.drop_last:
+            self.total_size = self.dataset_size // global_batch * global_batch
+        else:
+            self.total_size = -(-self.dataset_size // self.num_replicas) * self.num_replicas
+        self.num_samples = self.total_size // self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.epoch = int(epoch)
+            self._skip_batches = 0
+
+    def set_position(self, epoch: int, batches_done: int) -> None:
+        """Start the next iteration in ``epoch`` after its first ``batches_done`` batches."""
+        self.epoch = int(epoch)
+        self._skip_batches = int(batches_done)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The whole epoch's order (all processes, before padding or dropping)."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, SHUFFLE_STREAM, epoch))
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, skip = self.epoch, self._skip_batches
+        self._skip_batches = 0
+        order = self.permutation(epoch)
+        if self.total_size > len(order):  # pad with the first entries (as often as needed)
+            order = order.repeat(-(-self.total_size // max(1, len(order))))
+        mine = order[self.rank:self.total_size:self.num_replicas][skip * self.batch_size:].tolist()
+        return ((index, epoch) for index in mine)
+
+
+class TrainDataLoader(DataLoader):
+    """The training DataLoader. Its state (the sizes that map a mid-epoch position to samples)
+    goes into checkpoints; resuming mid-epoch with other sizes is refused."""
+
+    def state_dict(self) -> Dict[str, int]:
+        sampler = self.sampler
+        return {"dataset_size": sampler.dataset_size, "batch_size": sampler.batch_size,
+                "num_replicas": sampler.num_replicas, "seed": sampler.seed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        mine = self.state_dict()
+        differ = [f"{k} {state[k]} then, {mine[k]} now" for k in mine if k in state and state[k] != mine[k]]
+        if differ:
+            raise ResumeMismatchError(
+                f"cannot resume mid-epoch: the checkpoint was written with other training sizes "
+                f"({'; '.join(differ)}); use the same data, --batch_size, number of processes and "
+                f"--seed, or resume from last.ckpt (an epoch end)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,7 +659,7 @@ class DataModule(pl.LightningDataModule):
             return self.train_dataset
         source = self.train_source()
         common = dict(augmenter=self._augmenter, swap_color_channel=self.swap_color_channel,
-                      skip_corrupt_images=self.skip_corrupt_images)
+                      skip_corrupt_images=self.skip_corrupt_images, seed=self._seed)
         if self.use_mxrecord:
             dataset: FaceTrainDataset = RecordFaceDataset(source, cache_dir=self.label_cache_dir,
                                                           **common)
@@ -607,21 +718,37 @@ class DataModule(pl.LightningDataModule):
         return self.train_dataset.skipped_count if self.train_dataset is not None else 0
 
     # -- loaders ---------------------------------------------------------------------------------
+    def _loader_kwargs(self) -> dict:
+        # The loader's own generator (seeded) draws the worker base seeds, so that no loader
+        # consumes torch's global generator (dropout's stream, restored on resume).
+        return dict(num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                    worker_init_fn=worker_init_fn, persistent_workers=self.num_workers > 0,
+                    generator=torch.Generator().manual_seed(self._seed))
+
+    @property
+    def _seed(self) -> int:
+        return int(self.seed) if self.seed is not None else 0
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool
                 ) -> DataLoader:
-        kwargs = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=worker_init_fn, persistent_workers=self.num_workers > 0)
-        if self.seed is not None:
-            kwargs["generator"] = torch.Generator().manual_seed(int(self.seed))
-        return DataLoader(dataset, **kwargs)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          **self._loader_kwargs())
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``(image, label)`` in the :class:`EpochSampler` order of this process,
+        starting where training (re)starts (``utils.resume.training_position``)."""
         dataset = self._build_train_dataset()
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
         # A last batch of very few samples gives degenerate batch statistics (BatchNorm, the
         # feature-norm std of AdaFace); drop it when at least one full batch exists.
-        return self._loader(dataset, self.batch_size, shuffle=True,
-                            drop_last=len(dataset) >= self.batch_size)
+        drop_last = len(dataset) >= self.batch_size * world
+        sampler = EpochSampler(len(dataset), self.batch_size, seed=self._seed, num_replicas=world,
+                               rank=rank, drop_last=drop_last)
+        sampler.set_position(*training_position(trainer))
+        return TrainDataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                               drop_last=drop_last, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:

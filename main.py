@@ -19,6 +19,7 @@ from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
 from utils.report import results_summary
+from utils.resume import EpochEndCheckpoint, StepCheckpoint
 
 logger = logging.getLogger("main")
 
@@ -57,6 +58,18 @@ def build_loggers(args) -> List:
         loggers.append(WandbLogger(save_dir=args.output_dir, name=os.path.basename(args.output_dir),
                                    project="adaface_face_recognition"))
     return loggers
+
+
+def build_checkpoint_callbacks(args) -> List:
+    """The best checkpoint by ``val_acc`` (first: the others save its updated state), then
+    ``last_step.ckpt`` every ``--save_every_n_steps`` steps, then ``last.ckpt`` at every epoch end
+    (``utils.resume``)."""
+    callbacks: List = [ModelCheckpoint(dirpath=args.output_dir, monitor="val_acc", mode="max",
+                                       save_top_k=args.epochs + 1 if args.save_all_models else 1)]
+    if getattr(args, "save_every_n_steps", 0):
+        callbacks.append(StepCheckpoint(args.output_dir, args.save_every_n_steps))
+    callbacks.append(EpochEndCheckpoint(args.output_dir))
+    return callbacks
 
 
 def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
@@ -135,9 +148,9 @@ def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> 
     data_module = data.DataModule.from_args(args, seed=args.seed)
     module = build_module(args, data_module)
 
-    checkpoint = ModelCheckpoint(dirpath=args.output_dir, save_last=True, monitor="val_acc", mode="max",
-                                 save_top_k=args.epochs + 1 if args.save_all_models else 1)
-    trainer = build_trainer(args, [checkpoint], build_loggers(args))
+    callbacks = build_checkpoint_callbacks(args)
+    checkpoint = callbacks[0]
+    trainer = build_trainer(args, callbacks, build_loggers(args))
     if trainer.is_global_zero:
         logger.info("output folder: %s", args.output_dir)
 

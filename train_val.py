@@ -1,7 +1,9 @@
 """The Lightning module: backbone (``model``) + margin head (``head``), loss, validation, optimiser.
 
 Checkpoints therefore hold ``model.*`` and ``head.*`` keys, as the published ones do, and the
-training arguments as ``hyper_parameters``.
+training arguments as ``hyper_parameters``; also ``rng_states``, the global random generators of
+every process (plain types, ``utils.seeding``), restored on resume so that dropout continues its
+stream exactly.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from utils.errors import UserError
 from utils.evaluate_utils import evaluate_pair_set
 from utils.features import embed_batch
 from utils.pairsets import VAL_SET_NAMES
+from utils.seeding import capture_rng_states, restore_rng_states
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,31 @@ class Trainer(pl.LightningModule):
         scheduler = lr_scheduler.MultiStepLR(optimizer, milestones=list(self.hparams.lr_milestones),
                                              gamma=self.hparams.lr_gamma)
         return [optimizer], [scheduler]
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add ``rng_states``: one entry per process, in rank order (every process calls this)."""
+        states = capture_rng_states()
+        if (self._trainer is not None and self.trainer.world_size > 1
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            gathered: List[Optional[dict]] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore this process's random generators from ``rng_states`` when the checkpoint was
+        written by as many processes as run now."""
+        states = checkpoint.get("rng_states")
+        if not states or self._trainer is None:
+            return
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if len(states) != world:
+            logger.warning("the checkpoint holds the random generators of %d process(es), this run "
+                           "has %d: dropout will not continue its stream exactly", len(states), world)
+            return
+        restore_rng_states(states[rank])
 
     # ---------------------------------------------------------------- evaluation
     def on_validation_epoch_start(self) -> None:

@@ -15,12 +15,15 @@ step for step, in this order, each step with its own probability:
    image with ``torchvision.transforms.functional.adjust_*`` as in the published code.
 
 Random numbers come from the same sources as in the published code: the coin flips and the
-low-resolution draws from NumPy (the global ``np.random`` state, or a ``np.random.Generator``
-passed as ``rng``), the crop box and the jitter factors from torch's global generator. In
-DataLoader workers torch's generator differs per worker automatically and
-``data.worker_init_fn`` seeds NumPy per worker.
-Do not share one ``rng`` object between DataLoader workers (every worker would get a copy of it and
-produce the same augmentations); leave ``rng=None`` there.
+low-resolution draws from NumPy (the global ``np.random`` state, or the ``rng`` given to the
+constructor or to :meth:`Augmenter.augment`), the crop box and the jitter factors from torch's
+global generator. A ``numpy.random.RandomState`` as ``rng`` draws exactly as ``np.random`` seeded
+the same way (the published augmenter, draw for draw); a ``numpy.random.Generator`` works too.
+Training (``data.py``) passes each sample its own ``RandomState`` and seeds torch's generator for
+that sample (``utils.seeding.sample_random_state``), so every draw is a function of (seed, epoch,
+sample index) only, in any process or DataLoader worker.
+Do not share one constructor ``rng`` object between DataLoader workers (every worker would get a
+copy of it and produce the same augmentations).
 
 The horizontal flip and the conversion to network input are not part of the augmenter: the training
 datasets (``data.py``) flip with probability 0.5 and then call ``utils.image.rgb_to_tensor``.
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -51,6 +54,7 @@ INTERPOLATION_NAMES = {cv2.INTER_NEAREST: "nearest", cv2.INTER_LINEAR: "linear",
                        cv2.INTER_LANCZOS4: "lanczos4"}
 
 ImageLike = Union[np.ndarray, Image.Image]
+NumpyRandom = Union[np.random.Generator, np.random.RandomState]
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Augmenter:
     """
 
     def __init__(self, crop_augmentation_prob: float, photometric_augmentation_prob: float,
-                 low_res_augmentation_prob: float, rng: Optional[np.random.Generator] = None):
+                 low_res_augmentation_prob: float, rng: Optional[NumpyRandom] = None):
         self.crop_augmentation_prob = _check_probability("crop_augmentation_prob",
                                                          crop_augmentation_prob)
         self.photometric_augmentation_prob = _check_probability("photometric_augmentation_prob",
@@ -118,37 +122,36 @@ class Augmenter:
         return (self.crop_augmentation_prob == 0.0 and self.photometric_augmentation_prob == 0.0
                 and self.low_res_augmentation_prob == 0.0)
 
-    # -- random numbers (NumPy side: global state or the given Generator) -----------------------
-    def _random(self) -> float:
-        return float(self.rng.random() if self.rng is not None else np.random.random())
-
-    def _uniform(self, low: float, high: float) -> float:
-        return float(self.rng.uniform(low, high) if self.rng is not None
-                     else np.random.uniform(low, high))
-
-    def _choice(self, options: Sequence[int]) -> int:
-        return int(self.rng.choice(options) if self.rng is not None else np.random.choice(options))
+    def _numpy_random(self, rng: Optional[NumpyRandom]) -> Any:
+        """Where this call's NumPy draws come from: ``rng``, the constructor's, or ``np.random``."""
+        if rng is not None:
+            return rng
+        return self.rng if self.rng is not None else np.random
 
     # -- the pipeline ----------------------------------------------------------------------------
-    def augment(self, image: ImageLike) -> ImageLike:
-        """Apply the three augmentations, each with its probability; return the same image type."""
-        return self.augment_with_info(image)[0]
+    def augment(self, image: ImageLike, rng: Optional[NumpyRandom] = None) -> ImageLike:
+        """Apply the three augmentations, each with its probability; return the same image type.
+        ``rng`` (NumPy draws of this call) overrides the constructor's ``rng``."""
+        return self.augment_with_info(image, rng)[0]
 
-    def augment_with_info(self, image: ImageLike) -> Tuple[ImageLike, AugmentInfo]:
+    def augment_with_info(self, image: ImageLike, rng: Optional[NumpyRandom] = None
+                          ) -> Tuple[ImageLike, AugmentInfo]:
         """Like :meth:`augment`, also returning an :class:`AugmentInfo` with what was applied."""
+        numpy_random = self._numpy_random(rng)
         as_pil = isinstance(image, Image.Image)
         rgb = _as_rgb_array(image)
         info = AugmentInfo()
 
-        if self._random() < self.crop_augmentation_prob:
+        if float(numpy_random.random()) < self.crop_augmentation_prob:
             rgb, info.crop_box = self.crop_augment(rgb)
             _, _, h, w = info.crop_box
             info.crop_ratio = min(h, w) / max(rgb.shape[0], rgb.shape[1])
 
-        if self._random() < self.low_res_augmentation_prob:
-            rgb, info.low_res_ratio, info.low_res_interpolations = self.low_res_augment(rgb)
+        if float(numpy_random.random()) < self.low_res_augmentation_prob:
+            rgb, info.low_res_ratio, info.low_res_interpolations = self.low_res_augment(
+                rgb, numpy_random)
 
-        if self._random() < self.photometric_augmentation_prob:
+        if float(numpy_random.random()) < self.photometric_augmentation_prob:
             rgb, info.photometric = self.photometric_augment(rgb)
 
         return (Image.fromarray(rgb) if as_pil else rgb), info
@@ -164,18 +167,21 @@ class Augmenter:
         out[i:i + h, j:j + w] = rgb[i:i + h, j:j + w]
         return out, (int(i), int(j), int(h), int(w))
 
-    def low_res_augment(self, rgb: np.ndarray) -> Tuple[np.ndarray, float, Tuple[int, int]]:
-        """Down-scale by a random side ratio and back up, each way with a random interpolation.
+    def low_res_augment(self, rgb: np.ndarray, rng: Optional[NumpyRandom] = None
+                        ) -> Tuple[np.ndarray, float, Tuple[int, int]]:
+        """Down-scale by a random side ratio and back up, each way with a random interpolation
+        (NumPy draws from ``rng``, else the constructor's ``rng``, else ``np.random``).
 
         Returns the image, the side ratio and the (down, up) cv2 interpolation flags.
         """
+        numpy_random = self._numpy_random(rng)
         height, width = rgb.shape[:2]
-        side_ratio = self._uniform(*LOW_RES_SIDE_RATIO)
+        side_ratio = float(numpy_random.uniform(*LOW_RES_SIDE_RATIO))
         # The published code sizes the small image from the height only (square), as here.
         small_side = max(1, int(side_ratio * height))
-        down = self._choice(RESIZE_INTERPOLATIONS)
+        down = int(numpy_random.choice(RESIZE_INTERPOLATIONS))
         small = cv2.resize(rgb, (small_side, small_side), interpolation=down)
-        up = self._choice(RESIZE_INTERPOLATIONS)
+        up = int(numpy_random.choice(RESIZE_INTERPOLATIONS))
         restored = cv2.resize(small, (width, height), interpolation=up)
         return restored, side_ratio, (down, up)
 

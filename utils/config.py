@@ -7,7 +7,7 @@
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
   ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
-  ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new.
+  ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new.
 """
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "you trust (by default anything but tensors and training arguments is refused)")
     run.add_argument("--use_wandb", action="store_true")
     run.add_argument("--save_all_models", action="store_true")
+    run.add_argument("--save_every_n_steps", type=int, default=0,
+                     help="also write last_step.ckpt every N optimizer steps (mid-epoch; resuming from "
+                          "it continues with the next batch); last.ckpt is always the state at the end "
+                          "of the last completed epoch. 0: off")
     run.add_argument("--demo", action="store_true",
                      help="generate the built-in demo data if needed and train a small model on the CPU")
     run.add_argument("--demo_dir", type=str, default="tmp/demo_data")
@@ -146,6 +150,8 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.precision = resolve_precision(args)
     if args.use_16bit and args.precision != "16-mixed":
         raise ConfigError("--use_16bit contradicts --precision " + args.precision)
+    if args.save_every_n_steps < 0:
+        raise ConfigError(f"--save_every_n_steps must be >= 0 (0: off), got {args.save_every_n_steps}")
     if args.evaluate and not args.start_from_model_statedict:
         raise ConfigError("--evaluate needs the checkpoint to evaluate: --start_from_model_statedict X.ckpt")
     if args.resume_from_checkpoint:
