@@ -46,9 +46,9 @@ def _count_augmentations(dataset, draws: int) -> Counter:
     for kind in ('crop', 'low_res', 'photometric'):
         real = getattr(augmenter, f'{kind}_augment')
 
-        def spy(rgb, real=real, kind=kind):
+        def spy(rgb, *args, real=real, kind=kind, **kwargs):
             counts[kind] += 1
-            return real(rgb)
+            return real(rgb, *args, **kwargs)
         setattr(augmenter, f'{kind}_augment', spy)   # the instance attribute shadows the method
     for k in range(draws):
         dataset[k % len(dataset)]
