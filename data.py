@@ -160,7 +160,8 @@ class FaceTrainDataset(Dataset):
                 break
             except BadSampleError as exc:
                 if not self.skip_corrupt_images:
-                    raise
+                    raise BadSampleError(f"{exc}; replace the file, or pass --skip_corrupt_images to "
+                                         f"skip bad training samples") from None
                 with self._skipped.get_lock():
                     self._skipped.value += 1
                 logger.warning("skipping bad training sample %d (%s)", index, exc)

@@ -343,8 +343,9 @@ def test_corrupt_jpeg_in_folder_raises_or_is_skipped(demo, tmp_path, caplog):
     dm = _module(root)
     dm.setup("fit")
     position = [dm.train_dataset.path_of(i) for i in range(24)].index(bad)
-    with pytest.raises(BadSampleError, match=str(bad)):
+    with pytest.raises(BadSampleError, match=str(bad)) as refused:
         dm.train_dataset[position]
+    assert "pass --skip_corrupt_images" in str(refused.value)  # says what to do
     skipping = _module(root, skip_corrupt_images=True)
     skipping.setup("fit")
     with caplog.at_level(logging.WARNING, logger="data"):
