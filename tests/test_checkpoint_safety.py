@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import io
 import logging
 import pickle
-import sys
 import warnings
 from pathlib import Path, PurePosixPath
 
@@ -29,19 +27,12 @@ from utils.checkpoint import (UntrustedCheckpointError, architecture_of, check_c
                               guess_architecture, load_pretrained_backbone, read_checkpoint,
                               save_lightning_style_checkpoint)
 from utils.checkpoint_io import SafeCheckpointIO
+from tests.scripts import load_script
 from utils.cli import run_cli
 from utils.config import get_args
 from utils.demo_data import generate_demo_data
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load_script(rel_path: str):
-    spec = importlib.util.spec_from_file_location(f"safety_{Path(rel_path).stem}", REPO / rel_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Payload:
@@ -165,7 +156,7 @@ def test_lightning_resume_load_goes_through_the_safe_loader(evil, tiny_data, tmp
 
 def test_eval_5valsets_refuses(evil, tiny_data, tmp_path, capsys):
     path, marker = evil
-    script = _load_script("validation_hq/eval_5valsets.py")
+    script = load_script("validation_hq/eval_5valsets.py")
     argv = ["--data_root", str(tiny_data), "--val_data_path", ".", "--ckpt_path", str(path), "--arch",
             "ir_tiny", "--device", "cpu", "--num_workers", "0", "--output_dir", str(tmp_path / "out")]
     assert run_cli(script.main, argv) == 2
@@ -178,7 +169,7 @@ def test_eval_5valsets_refuses(evil, tiny_data, tmp_path, capsys):
                                     "validation_lq/validate_IJB_S.py"])
 def test_other_evaluation_scripts_load_through_the_shared_safe_loader(evil, tmp_path, script):
     path, marker = evil
-    parser = _load_script(script).build_parser()
+    parser = load_script(script).build_parser()
     args = parser.parse_args(["--data_root", str(tmp_path), "--ckpt_path", str(path)])
     [spec] = eval_common.model_specs_from_args(args)
     assert spec.trust is False

@@ -1,9 +1,7 @@
 """Bad evaluation inputs are reported in one line (file, line, what to do), exit status 2, before
 any image is embedded: corrupted IJB-B/C, TinyFace and IJB-S meta files, and the audited options."""
-import importlib.util
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +11,7 @@ import torch
 
 import utils.eval_common as eval_common
 from net import build_model
+from tests.scripts import load_script
 from utils.checkpoint import save_lightning_style_checkpoint
 from utils.demo_data import generate_demo_data
 from utils.demo_eval_data import TINYFACE_ALIGNED_DIR, generate_ijb, generate_ijbs, generate_tinyface
@@ -21,18 +20,10 @@ from utils.meta_files import MetaFileError, read_whitespace_table
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_script(rel_path):
-    spec = importlib.util.spec_from_file_location(f"inputs_{Path(rel_path).stem}", REPO / rel_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ijb_script = _load_script("validation_mixed/validate_IJB_BC.py")
-tinyface_script = _load_script("validation_lq/validate_tinyface.py")
-ijbs_script = _load_script("validation_lq/validate_IJB_S.py")
-hq_script = _load_script("validation_hq/eval_5valsets.py")
+ijb_script = load_script("validation_mixed/validate_IJB_BC.py")
+tinyface_script = load_script("validation_lq/validate_tinyface.py")
+ijbs_script = load_script("validation_lq/validate_IJB_S.py")
+hq_script = load_script("validation_hq/eval_5valsets.py")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Every script is checked against a straightforward reference (an independent mode
 flip fusion written out, plain loops for templates, scores and ranks), re-run from its saved
 features, and fed hand-made features whose results are known.
 """
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import utils.eval_common as eval_common
 from data import MissingPairSetsError
 from face_alignment.similarity import align_face
 from net import build_model
+from tests.scripts import load_script
 from utils.checkpoint import save_lightning_style_checkpoint
 from utils.demo_data import generate_demo_data
 from utils.demo_eval_data import TINYFACE_ALIGNED_DIR, generate_ijb, generate_ijbs, generate_tinyface
@@ -34,18 +34,10 @@ from utils.pairsets import load_pair_bin
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_script(rel_path):
-    spec = importlib.util.spec_from_file_location(f"script_{Path(rel_path).stem}", REPO / rel_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module               # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-ijb_script = _load_script("validation_mixed/validate_IJB_BC.py")
-tinyface_script = _load_script("validation_lq/validate_tinyface.py")
-ijbs_script = _load_script("validation_lq/validate_IJB_S.py")
-hq_script = _load_script("validation_hq/eval_5valsets.py")
+ijb_script = load_script("validation_mixed/validate_IJB_BC.py")
+tinyface_script = load_script("validation_lq/validate_tinyface.py")
+ijbs_script = load_script("validation_lq/validate_IJB_S.py")
+hq_script = load_script("validation_hq/eval_5valsets.py")
 
 CPU = ["--device", "cpu"]
 

@@ -6,7 +6,6 @@ SIGKILLs (or SIGTERMs) itself at the n-th item (:func:`utils.files.interruption_
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import utils.files as files
 import utils.pairsets as pairsets
 from tests.reference_image import published_input
 from tests.test_convert import LABELS, smooth_face
+from tests.scripts import load_script
 from utils.demo_data import ensure_demo_data, generate_demo_data
 from utils.image import decode_image_bytes, encode_jpeg, encode_png
 from utils.pairsets import memfile_paths, open_memfile, write_pair_bin
@@ -275,15 +275,6 @@ def read_only(monkeypatch):
         folder.chmod(0o755)
 
 
-def _load_eval_5valsets():
-    spec = importlib.util.spec_from_file_location("script_eval_5valsets_recovery",
-                                                  REPO / "validation_hq" / "eval_5valsets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_read_only_pair_sets_are_converted_into_the_cache(pack, tmp_path, monkeypatch,
                                                           read_only, caplog):
     from net import build_model
@@ -299,7 +290,7 @@ def test_read_only_pair_sets_are_converted_into_the_cache(pack, tmp_path, monkey
             "0", "--batch_size", "8", "--nrof_folds", "2"]
     before = sorted(p.name for p in root.iterdir())
     read_only(root)
-    script = _load_eval_5valsets()
+    script = load_script("validation_hq/eval_5valsets.py")
     with caplog.at_level(logging.INFO):
         result = script.main(argv + ["--output_dir", str(tmp_path / "out_ro")])
     assert "is not writable" in caplog.text

@@ -10,8 +10,6 @@ table. The reference fusion is written out here: ``f = normalize(e1 n1 + e2 n2)`
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 import main as main_module
 from data import DataModule, ValidationPairDataset
 from net import build_model
+from tests.scripts import load_script
 from utils.config import get_args
 from utils.demo_data import generate_demo_data
 from utils.features import extract_features
@@ -30,14 +29,6 @@ SETS = ['cfp_fp', 'lfw']   # two sets, so the set offsets matter
 PAIRS = 6                  # pairs per set; training validation then uses 6 folds (min(10, pairs))
 IMAGES = 2 * PAIRS * len(SETS)
 BATCH = 8
-
-
-def _load_hq_script():
-    spec = importlib.util.spec_from_file_location('script_eval_5valsets_tv', REPO / 'validation_hq' / 'eval_5valsets.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
@@ -114,7 +105,7 @@ def test_validation_embeds_with_flip_and_pre_norm_vector_add(setup, validated):
 
 def test_validation_accuracy_equals_eval_5valsets(setup, validated, tmp_path):
     root, ckpt, _ = setup
-    hq_script = _load_hq_script()
+    hq_script = load_script('validation_hq/eval_5valsets.py')
     result = hq_script.main(['--data_root', str(root), '--val_data_path', '.', '--set_names', *SETS,
                              '--ckpt_path', str(ckpt), '--arch', 'ir_tiny', '--device', 'cpu',
                              '--num_workers', '0', '--batch_size', str(BATCH), '--nrof_folds', str(PAIRS),
