@@ -27,15 +27,20 @@ def smooth_face(rng: np.random.Generator) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-@pytest.fixture
-def dataset(tmp_path, rng):
-    root = tmp_path / "faces_emore"
+def make_face_pack(root, rng):
+    """A 12-image face pack (4 identities) and two small pair sets in ``root``: (root, the pack's
+    JPEG bytes, the pair sets' PNG bytes)."""
     images = [encode_jpeg(smooth_face(rng)) for _ in LABELS]
     write_face_pack(root / "train.rec", zip(LABELS, images))
     pair_images = [encode_png(smooth_face(rng)) for _ in range(8)]
     write_pair_bin(root / "lfw.bin", pair_images[:4], [True, False])
     write_pair_bin(root / "agedb_30.bin", pair_images[4:], [False, True])
     return root, images, pair_images
+
+
+@pytest.fixture
+def dataset(tmp_path, rng):
+    return make_face_pack(tmp_path / "faces_emore", rng)
 
 
 def run(*argv: str) -> convert.Summary:

@@ -24,7 +24,7 @@ import data
 import utils.files as files
 import utils.pairsets as pairsets
 from tests.reference_image import published_input
-from tests.test_convert import LABELS, smooth_face
+from tests.test_convert import LABELS, make_face_pack, smooth_face
 from tests.scripts import load_script
 from utils.demo_data import ensure_demo_data, generate_demo_data
 from utils.image import decode_image_bytes, encode_jpeg, encode_png
@@ -70,13 +70,7 @@ def identity(path: Path) -> tuple:
 @pytest.fixture
 def pack(tmp_path, rng):
     """A 12-image face pack (4 identities) and two small pair sets, as in test_convert."""
-    root = tmp_path / "faces_emore"
-    images = [encode_jpeg(smooth_face(rng)) for _ in LABELS]
-    write_face_pack(root / "train.rec", zip(LABELS, images))
-    pairs = [encode_png(smooth_face(rng)) for _ in range(8)]
-    write_pair_bin(root / "lfw.bin", pairs[:4], [True, False])
-    write_pair_bin(root / "agedb_30.bin", pairs[4:], [False, True])
-    return root, images, pairs
+    return make_face_pack(tmp_path / "faces_emore", rng)
 
 
 # ------------------------------------------------------------------------------------------------
