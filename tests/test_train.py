@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,6 @@ def test_ddp_two_cpu_processes_gives_the_same_validation_numbers(tiny_data, tmp_
 def test_a_failed_run_leaves_no_experiment_folder(tiny_data, tmp_path, capsys):
     """Bad input found after the output folder was made (here: a pair set that is not a pair set)
     ends in one error line, and the folder this run created is removed."""
-    import shutil
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     shutil.rmtree(data / "lfw")
@@ -246,3 +246,46 @@ def test_a_failed_run_leaves_no_experiment_folder(tiny_data, tmp_path, capsys):
     existing.mkdir()
     assert main_module.main(_argv(data, existing, "--fast_dev_run")) == 2
     assert existing.is_dir()  # a folder the run did not create is left alone
+
+
+def _break_training_data(data: Path, case: str) -> list:
+    """Damage a copy of the tiny data set as a user's data can be damaged; the extra flags."""
+    if case == "missing_idx":
+        (data / "train.idx").unlink()
+        return ["--use_mxrecord"]
+    if case == "truncated_rec":
+        rec = data / "train.rec"
+        with open(rec, "r+b") as f:
+            f.truncate(rec.stat().st_size // 2)
+        return ["--use_mxrecord"]
+    if case == "corrupt_jpeg":
+        first = sorted((data / "imgs" / "0").iterdir())[0]
+        first.write_bytes(first.read_bytes()[:100])
+        return []
+    if case == "empty_identity":
+        (data / "imgs" / "99").mkdir()
+        return []
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_idx", "train.idx: index file of"),
+    ("truncated_rec", "train.rec: key"),
+    ("corrupt_jpeg", "not a decodable image"),
+    ("empty_identity", "identity folder(s) without images"),
+])
+def test_bad_training_data_is_one_error_line_from_main(tiny_data, tmp_path, capsys, case, expected):
+    """main.py reports damaged training data as one 'error:' line naming the file (exit status 2),
+    not as a traceback, and leaves no experiment folder."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for cache in data.glob("train.labels.npz"):
+        cache.unlink()
+    extra = _break_training_data(data, case)
+    out = tmp_path / "run"
+    assert main_module.main(_argv(data, out, "--fast_dev_run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0] and str(data) in lines[0], err[-2000:]
+    assert not out.exists()
