@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels,
                   margin_logits_backward, margin_logits_forward)
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -306,3 +307,66 @@ def shard_columns(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s columns (a contiguous copy) of a full E x C tensor, for a group of ``world``."""
     start, stop = shard_bounds(full.shape[1], world, rank)
     return full[:, start:stop].contiguous()
+
+
+class ShardedCheckpointError(UserError, ValueError):
+    """A checkpoint's head does not fit the sharded head it is loaded into."""
+
+
+def kernel_state_index(optimizer: torch.optim.Optimizer, kernel: torch.Tensor) -> int:
+    """The key of ``kernel``'s entry in ``optimizer.state_dict()["state"]``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        if param is kernel:
+            return index
+    raise ValueError("the head's kernel is not among the optimizer's parameters")
+
+
+def _map_kernel_state(checkpoint: dict, kernel_key: str, index: Optional[int], shape, fn) -> None:
+    """Apply ``fn`` to the kernel and to every tensor of its optimizer state shaped ``shape``, in
+    new dicts (an optimizer's ``state_dict()`` shares its per-parameter dicts with the live state)."""
+    state_dict = checkpoint["state_dict"]
+    result = fn(state_dict[kernel_key])
+    if result is not None:
+        state_dict[kernel_key] = result
+    if index is None:
+        return
+    for optimizer_state in checkpoint.get("optimizer_states", []):
+        entry = optimizer_state["state"].get(index)
+        if entry is None:
+            continue
+        mapped = {}
+        for name in sorted(entry):
+            value = entry[name]
+            if torch.is_tensor(value) and tuple(value.shape) == tuple(shape):
+                value = fn(value)
+                value = entry[name] if value is None else value
+            mapped[name] = value
+        optimizer_state["state"][index] = mapped
+
+
+def gather_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
+                           prefix: str = "head.", dst: int = 0) -> None:
+    """Turn a Lightning-style checkpoint dict holding this rank's shard (``state_dict[prefix +
+    'kernel']`` and the kernel's optimizer state at ``index``) into the published layout: the full
+    E x C tensors on rank ``dst`` (tensors one at a time; the shards stay on the other ranks).
+    Every rank of the head's group must call it, in the same order."""
+    group = head.group if head.world > 1 else None
+    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape),
+                      lambda shard: gather_columns(shard, head.classnum, group, dst))
+
+
+def shard_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
+                          prefix: str = "head.") -> None:
+    """The reverse of :func:`gather_head_checkpoint` for any number of ranks: replace the full
+    E x C kernel (published layout, e.g. from another W or an unsharded run) and its optimizer
+    state by this rank's columns."""
+    key = prefix + "kernel"
+    full = checkpoint.get("state_dict", {}).get(key)
+    expected = (head.embedding_size, head.classnum)
+    if full is None or tuple(full.shape) != expected:
+        got = "no head.kernel" if full is None else f"head.kernel of shape {tuple(full.shape)}"
+        raise ShardedCheckpointError(f"the checkpoint holds {got}; the sharded head expects the "
+                                     f"published layout {expected} (embedding size x classes)")
+    _map_kernel_state(checkpoint, key, index, expected,
+                      lambda tensor: shard_columns(tensor, head.world, head.rank))

@@ -20,8 +20,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from head import HEAD_TYPES, ArcFace, build_head
-from head_sharded import (build_sharded_head, gather_columns, sample_columns, sample_seed, shard_bounds,
-                          shard_columns)
+from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
+                          kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
+                          shard_head_checkpoint)
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
 HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
@@ -229,17 +230,90 @@ def run_checks(group, world: int, rank: int) -> dict:
     return results
 
 
+def _resume_step(head, layer, opt, group, world: int, rank: int, step: int, train: bool = True) -> float:
+    """One step on the same global batch of 12 samples whatever ``world`` (rank ``rank``'s rows)."""
+    _, _, labels, x = _batch(4, 300 + step)
+    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    emb, norms = _embed(layer, x[rows])
+    loss = head(emb, norms, labels[rows])
+    if train:
+        opt.zero_grad()
+        loss.backward()
+        if world > 1:
+            _sum_over_ranks([p.grad for p in layer.parameters()], group)
+        opt.step()
+    return float(loss)
+
+
+def _fresh(group, seed: int):
+    torch.manual_seed(seed)
+    head = build_sharded_head("adaface", E, C, group=group, seed=SEED, **HEAD_ARGS["adaface"])
+    torch.manual_seed(seed + 1)
+    layer = torch.nn.Linear(8, E)
+    return head, layer, _sgd([*layer.parameters(), head.kernel])
+
+
+def _checkpoint(head, layer, opt) -> dict:
+    state = {**{"model." + k: v for k, v in layer.state_dict().items()},
+             **{"head." + k: v for k, v in head.state_dict().items()}}
+    return {"state_dict": state, "optimizer_states": [opt.state_dict()]}
+
+
+def _restore(checkpoint: dict, head, layer, opt, momentum: bool = True) -> None:
+    shard_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    state = checkpoint["state_dict"]
+    layer.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    if momentum:
+        opt.load_state_dict(checkpoint["optimizer_states"][0])
+
+
+def check_resume(groups: dict, rank: int, path: str) -> dict:
+    """Save at W = 4 (published layout, gathered optimizer state), resume at W = 1, 2, 3: the loss of
+    the step after the first resumed step equals continuing at W = 4 (momentum included)."""
+    head, layer, opt = _fresh(groups[4], SEED)
+    for step in range(3):
+        _resume_step(head, layer, opt, groups[4], 4, rank, step)
+    checkpoint = _checkpoint(head, layer, opt)
+    gather_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    out = {}
+    if rank == 0:
+        kernel = checkpoint["state_dict"]["head.kernel"]
+        momentum = checkpoint["optimizer_states"][0]["state"][kernel_state_index(opt, head.kernel)]
+        out["published_layout"] = tuple(kernel.shape) == (E, C) and tuple(
+            momentum["momentum_buffer"].shape) == (E, C)
+        torch.save(checkpoint, path)
+    _resume_step(head, layer, opt, groups[4], 4, rank, 3)
+    expected = _resume_step(head, layer, opt, groups[4], 4, rank, 4, train=False)
+    dist.barrier()
+    for world in (1, 2, 3):
+        if rank < world:
+            for momentum in ((True, False) if world == 2 else (True,)):
+                head, layer, opt = _fresh(groups[world], SEED + 5)  # another initial kernel
+                _restore(torch.load(path, weights_only=True), head, layer, opt, momentum)
+                _resume_step(head, layer, opt, groups[world], world, rank, 3)
+                got = _resume_step(head, layer, opt, groups[world], world, rank, 4, train=False)
+                if momentum:
+                    out[f"resume_at_{world}"] = abs(got - expected) / abs(expected) <= 1e-6
+                else:
+                    out["without_momentum_differs"] = abs(got - expected) / abs(expected) > 1e-4
+        dist.barrier()
+    return out
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
+        groups = {size: dist.new_group(list(range(size))) for size in range(1, world)}
+        groups[world] = dist.group.WORLD
         results = {}
         for size in range(2, world + 1):
-            group = dist.new_group(list(range(size))) if size < world else dist.group.WORLD
             if rank < size:
-                results[size] = run_checks(group, size, rank)
+                results[size] = run_checks(groups[size], size, rank)
             dist.barrier()
+        results[world]["resume"] = check_resume(groups, rank, os.path.join(folder, "w4.ckpt"))
         with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)
     finally:
@@ -269,6 +343,11 @@ def _assert_results(per_rank_checks, name):
 
 
 CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + ["local_stats", "sampling"]
+
+
+def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
+    _assert_results(gloo_results[4], "resume")
+    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout"} <= set(gloo_results[4][0]["resume"])
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -340,3 +419,10 @@ def test_bad_settings_are_rejected():
 def test_state_dict_keys_are_the_published_ones():
     _, ada = _heads("adaface", C, None)
     assert list(ada.state_dict()) == ["kernel", "t", "batch_mean", "batch_std"]
+
+
+def test_a_checkpoint_of_another_class_count_is_a_clear_error():
+    _, head = _heads("arcface", C, None)
+    checkpoint = {"state_dict": {"head.kernel": torch.zeros(E, C + 1)}}
+    with pytest.raises(ShardedCheckpointError, match=r"shape \(16, 24\).*\(16, 23\)"):
+        shard_head_checkpoint(checkpoint, head, None)
