@@ -63,8 +63,8 @@ def init_kernel_columns(embedding_size: int, classnum: int, start: int, stop: in
     """Columns ``[start, stop)`` of :func:`head.init_kernel` ``(embedding_size, classnum)`` drawn
     from the same random state, bit for bit, holding one row of C values at a time (the draws of
     a row-major E x C uniform fill are consumed row by row; the other ranks' columns are dropped)."""
-    columns = torch.empty(embedding_size, stop - start)
-    row = torch.empty(classnum)
+    columns = torch.empty(embedding_size, stop - start, device="cpu")
+    row = torch.empty(classnum, device="cpu")
     for i in range(embedding_size):
         row.uniform_(-1, 1, generator=generator)
         columns[i] = row[start:stop]
@@ -74,7 +74,7 @@ def init_kernel_columns(embedding_size: int, classnum: int, start: int, stop: in
 def skip_kernel_draws(embedding_size: int, classnum: int,
                       generator: Optional[torch.Generator] = None) -> None:
     """Advance ``generator`` (default: the global one) past the draws of :func:`head.init_kernel`."""
-    row = torch.empty(classnum)
+    row = torch.empty(classnum, device="cpu")
     for _ in range(embedding_size):
         row.uniform_(-1, 1, generator=generator)
 
@@ -123,12 +123,12 @@ class _ShardedMarginLoss(torch.autograd.Function):
     """Margin logits of this shard + cross-entropy over all shards (mean over the B rows)."""
 
     @staticmethod
-    def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group):
+    def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group, world):
         logits, state = margin_logits_forward(embeddings, kernel, labels, angular, additive, s, eps,
                                               has_target)
         batch = logits.shape[0]
         row_max = logits.amax(1)
-        if group is not None:
+        if world > 1:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
         sums = torch.empty(2, batch, dtype=logits.dtype, device=logits.device)
         rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[1]))
@@ -136,7 +136,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             block = logits[start:start + rows] - row_max[start:start + rows, None]
             sums[0, start:start + rows] = block.exp_().sum(1)
         sums[1] = logits.gather(1, labels).reshape(-1) * has_target.reshape(-1)
-        if group is not None:
+        if world > 1:
             dist.all_reduce(sums, group=group)                      # sum of exp, target logit
         loss = (sums[0].log() + row_max - sums[1]).mean()
         ctx.state, ctx.row_max, ctx.sum_exp, ctx.has_target = state, row_max, sums[0], has_target
@@ -152,7 +152,67 @@ class _ShardedMarginLoss(torch.autograd.Function):
         grad_embeddings, grad_kernel = margin_logits_backward(
             grad, state, ctx.needs_input_grad[0], ctx.needs_input_grad[1], inplace=True)
         ctx.state = None
-        return grad_embeddings, grad_kernel, None, None, None, None, None, None, None
+        return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity whose backward multiplies the gradient by ``factor``. Training multiplies the
+    embeddings' gradient by W: the sharded loss is the global batch's mean on every rank, so each
+    rank's backbone gradient is its share of the exact one, and DDP's all-reduce divides by W."""
+    return _ScaleGradient.apply(tensor, float(factor)) if factor != 1 else tensor
+
+
+def global_grad_norm(replicated, sharded, group=None) -> torch.Tensor:
+    """L2 norm of all gradients: ``replicated`` parameters (equal on every rank, counted once) and
+    ``sharded`` ones (summed over the ranks of ``group``). No host synchronisation."""
+    grads = [p.grad for p in replicated if p.grad is not None]
+    shard_grads = [p.grad for p in sharded if p.grad is not None]
+    device = (grads or shard_grads)[0].device
+    sharded_sq = torch.zeros((), device=device)
+    for g in shard_grads:
+        sharded_sq = sharded_sq + g.float().pow(2).sum()
+    world, _ = _world_rank(group)
+    if world > 1:
+        dist.all_reduce(sharded_sq, group=group)
+    replicated_sq = torch.zeros((), device=device)
+    for g in grads:
+        replicated_sq = replicated_sq + g.float().pow(2).sum()
+    return (replicated_sq + sharded_sq).sqrt()
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Replicated parameters differ between the ranks (a data-parallel bug, not bad input)."""
+
+
+def check_replicas_in_sync(module: torch.nn.Module, group=None) -> None:
+    """Raise :class:`ReplicaMismatchError` unless every parameter of ``module`` is the
+    same on all ranks (compared by float64 sums and position-weighted sums, gathered once)."""
+    world, rank = _world_rank(group)
+    if world == 1:
+        return
+    stats = []
+    for tensor in module.parameters():
+        flat = tensor.detach().reshape(-1).double()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        stats.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    mine = torch.stack(stats) if stats else torch.zeros(0, 2)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ReplicaMismatchError(f"the replicated weights differ between the {world} ranks")
+    logger.info("replicated weights identical on all %d ranks (%d tensors)", world, len(stats))
 
 
 def sample_seed(seed: int, rank: int, step: int) -> int:
@@ -243,9 +303,8 @@ class ShardedMarginHead(MarginHead):
                 local_labels = local_labels.clamp_(max=index.shape[0] - 1)
             local_labels = torch.where(has_target, local_labels, torch.zeros_like(local_labels))
             self._calls += 1
-            group = self.group if self.world > 1 else None
             return _ShardedMarginLoss.apply(embeddings, kernel, local_labels, has_target, angular,
-                                            additive, float(self.s), self.eps, group)
+                                            additive, float(self.s), self.eps, self.group, self.world)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", shard=[{self.start}, {self.stop}) of rank {self.rank}/"

@@ -307,7 +307,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         groups = {size: dist.new_group(list(range(size))) for size in range(1, world)}
-        groups[world] = dist.group.WORLD
+        groups[world] = None            # the default group, as in training
         results = {}
         for size in range(2, world + 1):
             if rank < size:
@@ -426,3 +426,39 @@ def test_a_checkpoint_of_another_class_count_is_a_clear_error():
     checkpoint = {"state_dict": {"head.kernel": torch.zeros(E, C + 1)}}
     with pytest.raises(ShardedCheckpointError, match=r"shape \(16, 24\).*\(16, 23\)"):
         shard_head_checkpoint(checkpoint, head, None)
+
+
+def test_main_partial_fc_on_two_gloo_processes(tmp_path):
+    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 3 steps, sampling, clipping):
+    each rank holds half of the 6 classes, the backbone stays identical on both ranks, and last.ckpt
+    holds the full kernel and its momentum for every class (published layout)."""
+    import subprocess
+    import sys
+
+    import net
+    from train_val import split_parameters
+    from utils.demo_data import generate_demo_data
+
+    repo = Path(__file__).resolve().parent.parent
+    data, out = tmp_path / "data", tmp_path / "run"
+    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
+                       show_progress=False)
+    cmd = [sys.executable, str(repo / "main.py"), "--data_root", str(data), "--train_data_path", ".",
+           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
+           "--num_workers", "0", "--output_dir", str(out), "--epochs", "1", "--seed", "7",
+           "--cpu_processes", "2", "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
+    assert log.count("replicated weights identical on all 2 ranks") == 2
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    kernel = ckpt["state_dict"]["head.kernel"]
+    index = len(split_parameters(net.build_model("ir_tiny"))[0])
+    momentum = ckpt["optimizer_states"][0]["state"][index]["momentum_buffer"]
+    assert kernel.shape == momentum.shape == (512, 6)
+    assert momentum[:, :3].abs().sum() > 0 and momentum[:, 3:].abs().sum() > 0   # both ranks' classes
+    torch.testing.assert_close(kernel.norm(dim=0), torch.ones(6), atol=0.2, rtol=0)
