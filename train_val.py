@@ -149,6 +149,7 @@ class Trainer(pl.LightningModule):
     def on_train_end(self) -> None:
         if self.partial_fc and self.head.world > 1:
             head_sharded.check_replicas_in_sync(self.model, self._head_group())
+            logger.info("backbone identical on all %d ranks after %d steps", self.head.world, self.global_step)
 
     def get_current_lr(self) -> float:
         return self.trainer.optimizers[0].param_groups[0]["lr"]

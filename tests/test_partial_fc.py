@@ -11,6 +11,7 @@ import datetime
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from head import HEAD_TYPES, ArcFace, build_head
 from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
-                          kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
+                          global_grad_norm, kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
                           shard_head_checkpoint)
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
@@ -81,6 +82,10 @@ def check_gradients(head_type: str, group, world: int, rank: int) -> dict:
         kernel_rel = _kernel_rel(sharded.kernel.grad, ref.kernel.grad, group, rank)
         if rank == 0:
             out[f"kernel_grad{step}"] = kernel_rel
+        replicated = torch.nn.Parameter(torch.ones(3))          # the same gradient on every rank
+        replicated.grad = torch.full((3,), 2.0)
+        norm = global_grad_norm([replicated], [sharded.kernel], group)
+        out[f"clip_norm{step}"] = _rel(norm, (ref.kernel.grad.pow(2).sum() + 12.0).sqrt())
         if head_type == "adaface":
             out[f"stats{step}"] = max(_rel(sharded.batch_mean, ref.batch_mean),
                                       _rel(sharded.batch_std, ref.batch_std))
@@ -454,8 +459,10 @@ def test_main_partial_fc_on_two_gloo_processes(tmp_path):
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
     assert log.count("replicated weights identical on all 2 ranks") == 2
+    steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
+    assert len(steps) == 2 and steps[0] >= 3, steps
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3
+    assert ckpt["global_step"] >= 1
     kernel = ckpt["state_dict"]["head.kernel"]
     index = len(split_parameters(net.build_model("ir_tiny"))[0])
     momentum = ckpt["optimizer_states"][0]["state"][index]["momentum_buffer"]
