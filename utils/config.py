@@ -7,7 +7,9 @@
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
   ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
-  ``--output_dir`` and ``--experiments_root`` are new.
+  ``--output_dir`` and ``--experiments_root`` are new;
+* ``--partial_fc``, ``--sample_rate``, ``--partial_fc_stats`` and ``--gradient_clip_val`` (the sharded
+  head of ``head_sharded.py``) are new.
 """
 from __future__ import annotations
 
