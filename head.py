@@ -86,10 +86,82 @@ def _target_transform(raw_target: torch.Tensor, angular: Optional[torch.Tensor],
     return theta_m.cos() - additive, derivative
 
 
+class _MarginState:
+    """What :func:`margin_logits_backward` needs of a :func:`margin_logits_forward` call."""
+
+    __slots__ = ("embeddings", "kernel", "labels", "inv_norm", "logits", "derivative", "target_cos",
+                 "s", "bound", "clamped")
+
+
+def margin_logits_forward(embeddings: torch.Tensor, kernel: torch.Tensor, labels: torch.Tensor,
+                          angular: Optional[torch.Tensor], additive: torch.Tensor, s: float, eps: float,
+                          has_target: Optional[torch.Tensor] = None):
+    """The forward of :class:`MarginLogits`: returns ``(logits, state)`` (see there).
+
+    ``has_target`` (B x 1 bool, optional): rows whose class is not among ``kernel``'s columns (a
+    shard of the class centres) have ``False``; their ``labels`` entry is any valid column, which
+    then gets the non-target rule (clamped cosine, derivative 1 inside the clamp).
+    """
+    inv_norm = column_norms(kernel).reciprocal_()
+    bound = (1.0 - eps) * s
+    logits = torch.mm(embeddings, kernel)
+    logits.mul_(inv_norm * s)                                  # s * cos, one pass
+    raw_target = logits.gather(1, labels).div_(s)
+    if logits.is_cuda:  # a clamp pass is cheap there; reading min/max back would synchronise
+        clamped = True
+    else:  # rare on the CPU: skip the clamp (and the backward mask) when nothing is outside
+        low, high = torch.aminmax(logits)
+        clamped = bool(low < -bound) or bool(high > bound)
+    if clamped:
+        logits.clamp_(-bound, bound)
+    new_target, derivative = _target_transform(raw_target, angular, additive, eps)
+    target_cos = raw_target.clamp(-1.0 + eps, 1.0 - eps)
+    if has_target is not None:
+        passes = ((raw_target >= -1.0 + eps) & (raw_target <= 1.0 - eps)).to(derivative.dtype)
+        new_target = torch.where(has_target, new_target, target_cos)
+        derivative = torch.where(has_target, derivative, passes)
+    logits.scatter_(1, labels, new_target * s)
+    state = _MarginState()
+    state.embeddings, state.kernel, state.labels, state.inv_norm = embeddings, kernel, labels, inv_norm
+    state.logits, state.derivative, state.target_cos = logits, derivative, target_cos
+    state.s, state.bound, state.clamped = s, bound, clamped
+    return logits, state
+
+
+def margin_logits_backward(grad: torch.Tensor, state: _MarginState, needs_embeddings: bool = True,
+                           needs_kernel: bool = True, inplace: bool = False):
+    """The backward of :class:`MarginLogits`: ``(grad_embeddings, grad_kernel)`` for the upstream
+    gradient ``grad`` (B x C) of the logits; with ``inplace`` ``grad`` is overwritten (no new B x C
+    buffer)."""
+    labels, inv_norm, logits, s = state.labels, state.inv_norm, state.logits, state.s
+    scale = inv_norm * s                                       # (C,)
+    grad_target = grad.gather(1, labels) * state.derivative * scale[labels]
+    grad = grad.mul_(scale) if inplace else grad * scale       # G, at most one new B x C buffer
+    if state.clamped:
+        grad.masked_fill_((logits <= -state.bound) | (logits >= state.bound), 0.0)
+    grad.scatter_(1, labels, grad_target)
+    grad_embeddings = grad_kernel = None
+    if needs_embeddings:
+        grad_embeddings = torch.mm(grad, state.kernel.t())
+    if needs_kernel:
+        # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
+        col = torch.zeros_like(inv_norm)
+        for start in range(0, grad.shape[0], 64):          # row blocks keep the product small
+            col += (grad[start:start + 64] * logits[start:start + 64]).sum(0)
+        col /= s
+        target_logits = logits.gather(1, labels)
+        col.index_add_(0, labels.reshape(-1),
+                       (grad_target * (state.target_cos - target_logits / s)).reshape(-1))
+        grad_kernel = torch.mm(state.embeddings.t(), grad)
+        grad_kernel.addcmul_(state.kernel, (col * inv_norm).unsqueeze(0), value=-1.0)
+    return grad_embeddings, grad_kernel
+
+
 class MarginLogits(torch.autograd.Function):
     """``embeddings (B x E), kernel (E x C) -> s * margin-adjusted cosine (B x C)``, hand-differentiated.
 
-    Forward, with ``n_j`` the L2 norm of kernel column ``j`` and one B x C buffer (the output):
+    Forward (:func:`margin_logits_forward`), with ``n_j`` the L2 norm of kernel column ``j`` and one
+    B x C buffer (the output):
 
     1. ``s * cos = (embeddings @ kernel) * s / n`` (columns scaled in place; no normalised kernel copy);
     2. remember each row's target cosine, then clamp everything to ``s * [-1 + eps, 1 - eps]``
@@ -98,59 +170,32 @@ class MarginLogits(torch.autograd.Function):
 
     For non-target entries the published heads compute ``cos(clip(acos(c)))``, which after the
     clamp equals ``c`` (``acos(c)`` lies well inside ``[eps, pi - eps]``): they stay as they are,
-    with derivative 1. Backward: ``G = s * grad / n`` where the clamp let the cosine through (zero
-    where it clamped; clamped entries are recognised by their output value ``+-s(1 - eps)``) and
-    ``s * grad * d target / d c / n`` at the targets; then ``grad_embeddings = G @ kernel^T`` and
-    ``grad_kernel = embeddings^T @ G - kernel * (sum_b G * cos) / n`` (the derivative through the
-    column normalisation). Only the output and O(B + C) values are kept for backward.
+    with derivative 1. Backward (:func:`margin_logits_backward`): ``G = s * grad / n`` where the
+    clamp let the cosine through (zero where it clamped; clamped entries are recognised by their
+    output value ``+-s(1 - eps)``) and ``s * grad * d target / d c / n`` at the targets; then
+    ``grad_embeddings = G @ kernel^T`` and ``grad_kernel = embeddings^T @ G - kernel * (sum_b G * cos) / n``
+    (the derivative through the column normalisation). Only the output and O(B + C) values are
+    kept for backward. The sharded head (``head_sharded.py``) calls the same two functions.
     """
 
     @staticmethod
     def forward(ctx, embeddings: torch.Tensor, kernel: torch.Tensor, labels: torch.Tensor,
                 angular: Optional[torch.Tensor], additive: torch.Tensor, s: float,
                 eps: float) -> torch.Tensor:
-        inv_norm = column_norms(kernel).reciprocal_()
-        bound = (1.0 - eps) * s
-        logits = torch.mm(embeddings, kernel)
-        logits.mul_(inv_norm * s)                                  # s * cos, one pass
-        raw_target = logits.gather(1, labels).div_(s)
-        if logits.is_cuda:  # a clamp pass is cheap there; reading min/max back would synchronise
-            clamped = True
-        else:  # rare on the CPU: skip the clamp (and the backward mask) when nothing is outside
-            low, high = torch.aminmax(logits)
-            clamped = bool(low < -bound) or bool(high > bound)
-        if clamped:
-            logits.clamp_(-bound, bound)
-        new_target, derivative = _target_transform(raw_target, angular, additive, eps)
-        target_cos = raw_target.clamp(-1.0 + eps, 1.0 - eps)
-        logits.scatter_(1, labels, new_target * s)
-        ctx.save_for_backward(embeddings, kernel, labels, inv_norm, logits, derivative, target_cos)
-        ctx.s, ctx.bound, ctx.clamped = s, bound, clamped
+        logits, state = margin_logits_forward(embeddings, kernel, labels, angular, additive, s, eps)
+        ctx.save_for_backward(embeddings, kernel, labels, state.inv_norm, logits, state.derivative,
+                              state.target_cos)
+        ctx.s, ctx.bound, ctx.clamped = s, state.bound, state.clamped
         return logits
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        embeddings, kernel, labels, inv_norm, logits, derivative, target_cos = ctx.saved_tensors
-        s = ctx.s
-        scale = inv_norm * s                                       # (C,)
-        grad_target = grad_output.gather(1, labels) * derivative * scale[labels]
-        grad = grad_output * scale                                 # G, the one new B x C buffer
-        if ctx.clamped:
-            grad.masked_fill_((logits <= -ctx.bound) | (logits >= ctx.bound), 0.0)
-        grad.scatter_(1, labels, grad_target)
-        grad_embeddings = grad_kernel = None
-        if ctx.needs_input_grad[0]:
-            grad_embeddings = torch.mm(grad, kernel.t())
-        if ctx.needs_input_grad[1]:
-            # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
-            col = torch.zeros_like(inv_norm)
-            for start in range(0, grad.shape[0], 64):          # row blocks keep the product small
-                col += (grad[start:start + 64] * logits[start:start + 64]).sum(0)
-            col /= s
-            target_logits = logits.gather(1, labels)
-            col.index_add_(0, labels.reshape(-1), (grad_target * (target_cos - target_logits / s)).reshape(-1))
-            grad_kernel = torch.mm(embeddings.t(), grad)
-            grad_kernel.addcmul_(kernel, (col * inv_norm).unsqueeze(0), value=-1.0)
+        state = _MarginState()
+        (state.embeddings, state.kernel, state.labels, state.inv_norm, state.logits, state.derivative,
+         state.target_cos) = ctx.saved_tensors
+        state.s, state.bound, state.clamped = ctx.s, ctx.bound, ctx.clamped
+        grad_embeddings, grad_kernel = margin_logits_backward(
+            grad_output, state, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_embeddings, grad_kernel, None, None, None, None, None
 
 
@@ -180,12 +225,17 @@ class MarginHead(nn.Module):
         super().__init__()
         self.classnum = classnum
         self.embedding_size = embedding_size
-        self.kernel = Parameter(init_kernel(embedding_size, classnum))
+        self.kernel = Parameter(self.initial_kernel(embedding_size, classnum))
         self.m = m
         self.s = s
 
+    def initial_kernel(self, embedding_size: int, classnum: int) -> torch.Tensor:
+        """The initial class centres (:func:`init_kernel`; a sharded head draws its own columns)."""
+        return init_kernel(embedding_size, classnum)
+
     def target_margins(self, norms: torch.Tensor,
                        batch_size: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Per-sample ``(angular, additive)`` margins (B x 1 each; ``angular`` may be None)."""
         raise NotImplementedError
 
     def forward(self, embbedings: torch.Tensor, norms: Optional[torch.Tensor],

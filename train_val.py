@@ -19,6 +19,7 @@ import torch.optim.lr_scheduler as lr_scheduler
 from torch.nn import CrossEntropyLoss
 
 import head as heads
+import head_sharded
 import net
 from utils.checkpoint import load_backbone_weights, read_checkpoint
 from utils.errors import UserError
@@ -60,8 +61,12 @@ class Trainer(pl.LightningModule):
         self.memory_format = torch.channels_last if hp.get("channels_last") else torch.contiguous_format
         if hp.get("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.head = heads.build_head(head_type=hp.head, embedding_size=512, class_num=self.class_num,
-                                     m=hp.m, h=hp.h, t_alpha=hp.t_alpha, s=hp.s)
+        self.partial_fc = bool(hp.get("partial_fc"))
+        if self.partial_fc:
+            self._defer_sharded_head()
+        else:
+            self.head = heads.build_head(head_type=hp.head, embedding_size=512, class_num=self.class_num,
+                                         m=hp.m, h=hp.h, t_alpha=hp.t_alpha, s=hp.s)
         self.cross_entropy_loss = CrossEntropyLoss()
         self._outputs: List[Dict[str, torch.Tensor]] = []
         self.last_results: Dict[str, float] = {}
@@ -78,13 +83,79 @@ class Trainer(pl.LightningModule):
         logits = self.head(embeddings, norms, labels)
         return logits, norms, embeddings, labels
 
+    # ------------------------------------------------------- sharded head (Partial FC)
+    def _defer_sharded_head(self) -> None:
+        """``--partial_fc``: the sharded head needs the process group, so :meth:`configure_model`
+        builds it; it draws its columns from the random state in which the replicated head would
+        have drawn its kernel, and the global generator moves on as if that had happened."""
+        self.head = None
+        self._head_rng_state = torch.get_rng_state()
+        head_sharded.skip_kernel_draws(512, self.class_num)
+        # each rank's kernel shard has its own shape and gradient: DDP must neither check nor average it
+        self._ddp_params_and_buffers_to_ignore = ["head.kernel"]
+
+    def configure_model(self) -> None:
+        if self.partial_fc and self.head is None:
+            hp = self.hparams
+            generator = torch.Generator()
+            generator.set_state(self._head_rng_state)
+            self.head = head_sharded.build_sharded_head(
+                hp.head, 512, self.class_num, m=hp.m, t_alpha=hp.t_alpha, h=hp.h, s=hp.s,
+                stats=hp.get("partial_fc_stats") or "global", sample_rate=hp.get("sample_rate", 1.0),
+                seed=hp.get("seed", 0), generator=generator)
+            logger.info("sharded head: classes [%d, %d) of %d on rank %d of %d", self.head.start,
+                        self.head.stop, self.class_num, self.head.rank, self.head.world)
+
+    def _partial_fc_loss(self, images: torch.Tensor, labels: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        embeddings, norms = self.model(images.contiguous(memory_format=self.memory_format))
+        embeddings = head_sharded.scale_gradient(embeddings, self.head.world)  # DDP divides by W
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        step = self.global_step * accumulate + batch_idx % accumulate   # the sampling stream's step
+        return self.head(embeddings, norms, labels, step=step)
+
+    def _kernel_state_index(self) -> int:
+        """The kernel's key in the optimizer state (its place in :meth:`configure_optimizers`)."""
+        return len(split_parameters(self.model)[0])
+
+    def _head_group(self):
+        return self.head.group if self.head.world > 1 else None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """16-mixed with shards: a step is skipped on every rank if any rank's gradients overflowed."""
+        if not self.partial_fc or self.head.world == 1:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None:
+            return
+        state = scaler._per_optimizer_states[id(getattr(optimizer, "_optimizer", optimizer))]
+        for found in state.get("found_inf_per_device", {}).values():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=self._head_group())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if not (self.partial_fc and gradient_clip_val) or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [*self.model.parameters(), self.head.kernel]
+        norm = head_sharded.global_grad_norm(self.model.parameters(), [self.head.kernel], self._head_group())
+        coef = (float(gradient_clip_val) / (norm + 1e-6)).clamp(max=1.0)   # the global norm over all shards
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+
+    def on_train_end(self) -> None:
+        if self.partial_fc and self.head.world > 1:
+            head_sharded.check_replicas_in_sync(self.model, self._head_group())
+            logger.info("backbone identical on all %d ranks after %d steps", self.head.world, self.global_step)
+
     def get_current_lr(self) -> float:
         return self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def training_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]
-        logits, norms, _, labels = self(images, labels)
-        loss = self.cross_entropy_loss(logits, labels)
+        if self.partial_fc:
+            loss = self._partial_fc_loss(images, labels, batch_idx)
+        else:
+            logits, norms, _, labels = self(images, labels)
+            loss = self.cross_entropy_loss(logits, labels)
         self._stop_on_non_finite(loss)
         self.log("lr", self.get_current_lr(), on_step=True, on_epoch=True, logger=True)
         self.log("train_loss", loss, on_step=True, on_epoch=True, logger=True, prog_bar=True)
@@ -111,7 +182,10 @@ class Trainer(pl.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Add ``rng_states``: one entry per process, in rank order (every process calls this)."""
+        """Add ``rng_states``: one entry per process, in rank order; with ``--partial_fc`` gather the
+        head's shards into the published layout (every process calls this)."""
+        if self.partial_fc:
+            head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
         states = capture_rng_states()
         if (self._trainer is not None and self.trainer.world_size > 1
                 and torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -123,7 +197,11 @@ class Trainer(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore this process's random generators from ``rng_states`` when the checkpoint was
-        written by as many processes as run now."""
+        written by as many processes as run now; with ``--partial_fc`` take this rank's columns of
+        the full kernel and optimizer state (for any number of processes)."""
+        if self.partial_fc:
+            self.configure_model()
+            head_sharded.shard_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:
             return

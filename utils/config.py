@@ -7,7 +7,9 @@
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
   ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
-  ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new.
+  ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
+* ``--partial_fc``, ``--sample_rate``, ``--partial_fc_stats`` and ``--gradient_clip_val`` (the sharded
+  head of ``head_sharded.py``) are new.
 """
 from __future__ import annotations
 
@@ -118,7 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--t_alpha", default=0.01, type=float)
     model.add_argument("--custom_num_class", type=int, default=-1,
                        help="number of classes of the head (default: counted from the training data)")
+    add_partial_fc_arguments(p)
     return p
+
+
+def add_partial_fc_arguments(p: argparse.ArgumentParser) -> None:
+    """``--partial_fc`` (the sharded head of ``head_sharded.py``) and its companions."""
+    pfc = p.add_argument_group("sharded head (Partial FC)")
+    pfc.add_argument("--partial_fc", action="store_true",
+                     help="shard the head's class centres over the training processes (GPUs, nodes, "
+                          "--cpu_processes) instead of replicating them: for heads too large for one "
+                          "device; same losses and gradients as the replicated head")
+    pfc.add_argument("--sample_rate", type=float, default=1.0,
+                     help="with --partial_fc: fraction of each shard's negative classes in each step's "
+                          "softmax (every positive class is kept); 1.0 = all classes")
+    pfc.add_argument("--partial_fc_stats", default="global", choices=("global", "local"),
+                     help="with --partial_fc and AdaFace: running norm statistics over the whole global "
+                          "batch (global) or over each process's own batch (local, as the published DDP "
+                          "training did)")
+    pfc.add_argument("--gradient_clip_val", type=float, default=0.0,
+                     help="clip the global gradient norm (over all shards with --partial_fc) to this "
+                          "value; 0 = no clipping")
+
+
+def check_partial_fc_args(args: argparse.Namespace) -> None:
+    """Raise :class:`ConfigError` on Partial FC flags that make no sense."""
+    if not 0.0 < args.sample_rate <= 1.0:
+        raise ConfigError(f"--sample_rate must lie in (0, 1], got {args.sample_rate}")
+    if not args.partial_fc and (args.sample_rate != 1.0 or args.partial_fc_stats != "global"):
+        raise ConfigError("--sample_rate and --partial_fc_stats need --partial_fc")
+    if args.gradient_clip_val < 0:
+        raise ConfigError(f"--gradient_clip_val must be >= 0, got {args.gradient_clip_val}")
 
 
 class ConfigError(UserError, ValueError):
@@ -148,6 +180,7 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         from utils.demo import apply_demo_settings
         apply_demo_settings(args, parser.parse_args([]))
     args.precision = resolve_precision(args)
+    check_partial_fc_args(args)
     if args.use_16bit and args.precision != "16-mixed":
         raise ConfigError("--use_16bit contradicts --precision " + args.precision)
     if args.save_every_n_steps < 0:

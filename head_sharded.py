@@ -1,0 +1,449 @@
+"""Sharded margin heads (Partial FC): the class centres split over the ranks of a process group.
+
+Each of the W ranks holds the kernel columns of its own classes, ``[start, stop)`` of
+:func:`shard_bounds` (C split as evenly as possible, no padding classes). A forward:
+
+1. all-gathers the embeddings (with a backward that sums every rank's contribution, so the
+   backbone gets exactly the gradient of the unsharded head on the concatenated batch), the labels
+   and, for AdaFace, the norms (``stats="global"``) or the per-sample margins (``stats="local"``);
+2. computes this shard's margin logits with ``head.py``'s :func:`~head.margin_logits_forward`
+   (the one home of the margin maths; rows whose class lives elsewhere get the non-target rule);
+3. returns the cross-entropy of the whole global batch (mean over its B samples, identical on
+   every rank) from a distributed, stable float32 log-softmax: row maxima (all-reduce MAX), then
+   sums of ``exp(logit - max)`` and the target logits (one all-reduce SUM). No probability floor,
+   no host synchronisation; the backward recomputes the probabilities from the logits into the one
+   B x C_local gradient buffer that :func:`~head.margin_logits_backward` then works in place.
+
+With ``sample_rate < 1`` (negative sampling) a rank keeps every class of its shard that is a
+label of the global batch and fills up to ``max(ceil(rate * C_local), B)`` columns (at most
+C_local) with classes drawn uniformly from the rest of its shard, from a generator seeded by
+``(seed, rank, step)``; the loss is the exact softmax over the kept classes.
+
+AdaFace statistics: ``global`` updates ``batch_mean``/``batch_std`` with the all-gathered norms
+(identical on every rank, equal to the unsharded head fed the concatenated batch); ``local``
+updates them with the rank's own norms and computes the rank's own samples' margins from them
+(the published per-rank behaviour).
+
+W = 1 works without ``torch.distributed``. Checkpoints hold the head in the published layout:
+:func:`gather_columns` assembles a full E x C tensor (the kernel, its momentum) on one rank and
+:func:`shard_columns` takes a rank's slice of one, for any W.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels,
+                  margin_logits_backward, margin_logits_forward)
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STATS_MODES = ("global", "local")
+_CHUNK_ELEMENTS = 1 << 22     # exp() temporaries of the forward: at most this many floats at a time
+
+
+def shard_bounds(classnum: int, world: int, rank: int) -> Tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s classes: the first ``classnum % world`` ranks hold one more."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a group of {world}")
+    if classnum < world:
+        raise ValueError(f"cannot shard {classnum} classes over {world} ranks (each needs one class)")
+    base, extra = divmod(classnum, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def init_kernel_columns(embedding_size: int, classnum: int, start: int, stop: int,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Columns ``[start, stop)`` of :func:`head.init_kernel` ``(embedding_size, classnum)`` drawn
+    from the same random state, bit for bit, holding one row of C values at a time (the draws of
+    a row-major E x C uniform fill are consumed row by row; the other ranks' columns are dropped)."""
+    columns = torch.empty(embedding_size, stop - start, device="cpu")
+    row = torch.empty(classnum, device="cpu")
+    for i in range(embedding_size):
+        row.uniform_(-1, 1, generator=generator)
+        columns[i] = row[start:stop]
+    return columns.renorm_(2, 1, 1e-5).mul_(1e5)
+
+
+def skip_kernel_draws(embedding_size: int, classnum: int,
+                      generator: Optional[torch.Generator] = None) -> None:
+    """Advance ``generator`` (default: the global one) past the draws of :func:`head.init_kernel`."""
+    row = torch.empty(classnum, device="cpu")
+    for _ in range(embedding_size):
+        row.uniform_(-1, 1, generator=generator)
+
+
+def _world_rank(group) -> Tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Concatenation over the ranks (dim 0) of equally shaped tensors; no autograd."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
+                      device=tensor.device)
+    dist.all_gather_single(out, tensor, group=group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the sum over ranks of its rows' gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rows = group, tensor.shape[0]
+        return _all_gather(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group, rows = ctx.group, ctx.rows
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "nccl":
+            out = torch.empty((rows,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_single(out, grad, group=group)
+            return out, None
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)                       # gloo has no reduce-scatter
+        rank = dist.get_rank(group)
+        return grad[rank * rows:(rank + 1) * rows].contiguous(), None
+
+
+class _ShardedMarginLoss(torch.autograd.Function):
+    """Margin logits of this shard + cross-entropy over all shards (mean over the B rows)."""
+
+    @staticmethod
+    def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group, world):
+        logits, state = margin_logits_forward(embeddings, kernel, labels, angular, additive, s, eps,
+                                              has_target)
+        batch = logits.shape[0]
+        row_max = logits.amax(1)
+        if world > 1:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        sums = torch.empty(2, batch, dtype=logits.dtype, device=logits.device)
+        rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        for start in range(0, batch, rows):
+            block = logits[start:start + rows] - row_max[start:start + rows, None]
+            sums[0, start:start + rows] = block.exp_().sum(1)
+        sums[1] = logits.gather(1, labels).reshape(-1) * has_target.reshape(-1)
+        if world > 1:
+            dist.all_reduce(sums, group=group)                      # sum of exp, target logit
+        loss = (sums[0].log() + row_max - sums[1]).mean()
+        ctx.state, ctx.row_max, ctx.sum_exp, ctx.has_target = state, row_max, sums[0], has_target
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        state = ctx.state
+        logits = state.logits
+        grad = torch.sub(logits, ctx.row_max[:, None]).exp_().div_(ctx.sum_exp[:, None])  # softmax
+        grad.scatter_add_(1, state.labels, -ctx.has_target.to(grad.dtype))
+        grad.mul_(grad_loss / logits.shape[0])
+        grad_embeddings, grad_kernel = margin_logits_backward(
+            grad, state, ctx.needs_input_grad[0], ctx.needs_input_grad[1], inplace=True)
+        ctx.state = None
+        return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity whose backward multiplies the gradient by ``factor``. Training multiplies the
+    embeddings' gradient by W: the sharded loss is the global batch's mean on every rank, so each
+    rank's backbone gradient is its share of the exact one, and DDP's all-reduce divides by W."""
+    return _ScaleGradient.apply(tensor, float(factor)) if factor != 1 else tensor
+
+
+def global_grad_norm(replicated, sharded, group=None) -> torch.Tensor:
+    """L2 norm of all gradients: ``replicated`` parameters (equal on every rank, counted once) and
+    ``sharded`` ones (summed over the ranks of ``group``). No host synchronisation."""
+    grads = [p.grad for p in replicated if p.grad is not None]
+    shard_grads = [p.grad for p in sharded if p.grad is not None]
+    device = (grads or shard_grads)[0].device
+    sharded_sq = torch.zeros((), device=device)
+    for g in shard_grads:
+        sharded_sq = sharded_sq + g.float().pow(2).sum()
+    world, _ = _world_rank(group)
+    if world > 1:
+        dist.all_reduce(sharded_sq, group=group)
+    replicated_sq = torch.zeros((), device=device)
+    for g in grads:
+        replicated_sq = replicated_sq + g.float().pow(2).sum()
+    return (replicated_sq + sharded_sq).sqrt()
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Replicated parameters differ between the ranks (a data-parallel bug, not bad input)."""
+
+
+def check_replicas_in_sync(module: torch.nn.Module, group=None) -> None:
+    """Raise :class:`ReplicaMismatchError` unless every parameter of ``module`` is the
+    same on all ranks (compared by float64 sums and position-weighted sums, gathered once)."""
+    world, rank = _world_rank(group)
+    if world == 1:
+        return
+    stats = []
+    for tensor in module.parameters():
+        flat = tensor.detach().reshape(-1).double()
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        stats.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    mine = torch.stack(stats) if stats else torch.zeros(0, 2)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ReplicaMismatchError(f"the replicated weights differ between the {world} ranks")
+    logger.info("replicated weights identical on all %d ranks (%d tensors)", world, len(stats))
+
+
+class _SelectColumns(torch.autograd.Function):
+    """``kernel[:, index]`` for sorted unique ``index``; the backward writes the columns' gradient into
+    a dense zero gradient with ``index_copy_`` (autograd's ``index_add_`` along dim 1 is ~10x slower)."""
+
+    @staticmethod
+    def forward(ctx, kernel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = kernel.shape
+        return kernel.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        full = grad.new_zeros(ctx.shape)
+        return full.index_copy_(1, index, grad), None
+
+
+def sample_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank ``rank``'s negative sampling at step ``step`` of a run seeded ``seed``."""
+    return (int(seed) * 1_000_003 + int(rank) * 7_919 + int(step) * 104_729 + 0x5EED) % (2 ** 63 - 1)
+
+
+def sample_columns(local_labels: torch.Tensor, has_target: torch.Tensor, n_local: int, rate: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Sorted local class indices to keep: every positive, then uniform negatives up to
+    ``min(n_local, max(ceil(rate * n_local), B))`` columns (a fixed count: no host synchronisation)."""
+    device = local_labels.device
+    keep = min(n_local, max(math.ceil(rate * n_local), local_labels.shape[0]))
+    score = torch.rand(n_local, generator=generator, device=device)
+    positive = has_target.reshape(-1).to(score.dtype) * 2.0    # positives outrank every negative
+    score.scatter_reduce_(0, local_labels.reshape(-1), positive, reduce="amax")
+    return score.topk(keep, sorted=False).indices.sort().values
+
+
+class ShardedMarginHead(MarginHead):
+    """Mixin that shards a :class:`head.MarginHead` (see the module docstring); put it first in the
+    bases. ``forward(embeddings, norms, labels, step=None)`` returns the loss, not logits."""
+
+    def __init__(self, *args, group=None, stats: str = "global", sample_rate: float = 1.0,
+                 seed: int = 0, generator: Optional[torch.Generator] = None, **kwargs) -> None:
+        if stats not in STATS_MODES:
+            raise ValueError(f"unknown AdaFace statistics mode {stats!r}; valid: {', '.join(STATS_MODES)}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+        self.group = group
+        self.world, self.rank = _world_rank(group)
+        self.stats, self.sample_rate, self.seed = stats, float(sample_rate), int(seed)
+        self._generator = generator
+        self._calls = 0
+        self.sampled_classes: Optional[torch.Tensor] = None
+        super().__init__(*args, **kwargs)
+        self._generator = None
+
+    def initial_kernel(self, embedding_size: int, classnum: int) -> torch.Tensor:
+        self.start, self.stop = shard_bounds(classnum, self.world, self.rank)
+        return init_kernel_columns(embedding_size, classnum, self.start, self.stop, self._generator)
+
+    def _gather(self, tensor: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        return _AllGather.apply(tensor, self.group) if grad else _all_gather(tensor, self.group)
+
+    def forward(self, embbedings: torch.Tensor, norms: Optional[torch.Tensor], label: torch.Tensor,
+                step: Optional[int] = None) -> torch.Tensor:
+        """Cross-entropy (mean over the global batch) of the margin logits of all shards."""
+        if embbedings.dim() != 2 or embbedings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have shape (B, {self.embedding_size}), "
+                             f"got {tuple(embbedings.shape)}")
+        local_batch = embbedings.shape[0]
+        if label.dtype.is_floating_point or label.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {label.dtype}")
+        if label.numel() != local_batch:
+            raise ValueError(f"labels must hold one class index per embedding: got shape "
+                             f"{tuple(label.shape)} for {local_batch} embeddings")
+        with torch.autocast(device_type=embbedings.device.type, enabled=False):
+            embeddings = self._gather(embbedings.float(), grad=True)
+            batch = embeddings.shape[0]
+            labels = check_labels(self._gather(label.reshape(-1).long()), self.classnum, batch)
+            if isinstance(self, AdaFace):
+                if norms is None or norms.numel() != local_batch:
+                    raise ValueError("AdaFace needs one feature norm per embedding: call "
+                                     "head(embeddings, norms, labels)")
+                norms = norms.detach().float().reshape(-1, 1)
+                if self.stats == "local":   # own samples' margins from own statistics, then gathered
+                    angular, additive = self.target_margins(norms, local_batch)
+                    angular, additive = self._gather(angular), self._gather(additive)
+                else:
+                    angular, additive = self.target_margins(self._gather(norms), batch)
+            else:
+                angular, additive = self.target_margins(None, batch)
+            local_labels = labels - self.start
+            has_target = (local_labels >= 0) & (local_labels < self.stop - self.start)
+            kernel = self.kernel
+            if self.sample_rate < 1.0:
+                step = self._calls if step is None else step
+                generator = torch.Generator(device=kernel.device)
+                generator.manual_seed(sample_seed(self.seed, self.rank, step))
+                index = sample_columns(local_labels.clamp(0, self.stop - self.start - 1), has_target,
+                                       self.stop - self.start, self.sample_rate, generator)
+                self.sampled_classes = index + self.start          # kept classes (global ids)
+                kernel = _SelectColumns.apply(kernel, index)
+                local_labels = torch.searchsorted(index, local_labels.clamp(0, self.stop - self.start - 1))
+                local_labels = local_labels.clamp_(max=index.shape[0] - 1)
+            local_labels = torch.where(has_target, local_labels, torch.zeros_like(local_labels))
+            self._calls += 1
+            return _ShardedMarginLoss.apply(embeddings, kernel, local_labels, has_target, angular,
+                                            additive, float(self.s), self.eps, self.group, self.world)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", shard=[{self.start}, {self.stop}) of rank {self.rank}/"
+                f"{self.world}, stats={self.stats}, sample_rate={self.sample_rate}")
+
+
+class ShardedAdaFace(ShardedMarginHead, AdaFace):
+    """AdaFace with sharded class centres."""
+
+
+class ShardedArcFace(ShardedMarginHead, ArcFace):
+    """ArcFace with sharded class centres."""
+
+
+class ShardedCosFace(ShardedMarginHead, CosFace):
+    """CosFace with sharded class centres."""
+
+
+def build_sharded_head(head_type: str, embedding_size: int, class_num: int, m: float, t_alpha: float,
+                       h: float, s: float, group=None, stats: str = "global", sample_rate: float = 1.0,
+                       seed: int = 0, generator: Optional[torch.Generator] = None) -> ShardedMarginHead:
+    """The sharded twin of :func:`head.build_head`; ``generator`` (default: the global one) is in the
+    state the unsharded head would draw its kernel from."""
+    common = dict(embedding_size=embedding_size, classnum=class_num, m=m, s=s, group=group,
+                  stats=stats, sample_rate=sample_rate, seed=seed, generator=generator)
+    if head_type == "adaface":
+        return ShardedAdaFace(h=h, t_alpha=t_alpha, **common)
+    if head_type == "arcface":
+        return ShardedArcFace(**common)
+    if head_type == "cosface":
+        return ShardedCosFace(**common)
+    raise ValueError(f"unknown head type {head_type!r}; valid head types: {', '.join(HEAD_TYPES)}")
+
+
+def gather_columns(shard: torch.Tensor, classnum: int, group=None, dst: int = 0) -> Optional[torch.Tensor]:
+    """The full E x C tensor (kernel or its optimizer state), in host memory, on rank ``dst`` of
+    ``group``; None on the others. Shards arrive one at a time into the preallocated result (one
+    full copy + one shard)."""
+    world, rank = _world_rank(group)
+    if world == 1:
+        return shard.detach().to("cpu", copy=True)
+    shard = shard.detach().contiguous()
+    if rank != dst:
+        dist.send(shard, group=group, group_dst=dst)
+        return None
+    full = torch.empty(shard.shape[0], classnum, dtype=shard.dtype, device="cpu")
+    for other in range(world):
+        start, stop = shard_bounds(classnum, world, other)
+        if other == rank:
+            full[:, start:stop] = shard.cpu()
+            continue
+        part = torch.empty(shard.shape[0], stop - start, dtype=shard.dtype, device=shard.device)
+        dist.recv(part, group=group, group_src=other)
+        full[:, start:stop] = part.cpu()
+        del part
+    return full
+
+
+def shard_columns(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s columns (a contiguous copy) of a full E x C tensor, for a group of ``world``."""
+    start, stop = shard_bounds(full.shape[1], world, rank)
+    return full[:, start:stop].contiguous()
+
+
+class ShardedCheckpointError(UserError, ValueError):
+    """A checkpoint's head does not fit the sharded head it is loaded into."""
+
+
+def kernel_state_index(optimizer: torch.optim.Optimizer, kernel: torch.Tensor) -> int:
+    """The key of ``kernel``'s entry in ``optimizer.state_dict()["state"]``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        if param is kernel:
+            return index
+    raise ValueError("the head's kernel is not among the optimizer's parameters")
+
+
+def _map_kernel_state(checkpoint: dict, kernel_key: str, index: Optional[int], shape, fn) -> None:
+    """Apply ``fn`` to the kernel and to every tensor of its optimizer state shaped ``shape``, in
+    new dicts (an optimizer's ``state_dict()`` shares its per-parameter dicts with the live state)."""
+    state_dict = checkpoint["state_dict"]
+    result = fn(state_dict[kernel_key])
+    if result is not None:
+        state_dict[kernel_key] = result
+    if index is None:
+        return
+    for optimizer_state in checkpoint.get("optimizer_states", []):
+        entry = optimizer_state["state"].get(index)
+        if entry is None:
+            continue
+        mapped = {}
+        for name in sorted(entry):
+            value = entry[name]
+            if torch.is_tensor(value) and tuple(value.shape) == tuple(shape):
+                value = fn(value)
+                value = entry[name] if value is None else value
+            mapped[name] = value
+        optimizer_state["state"][index] = mapped
+
+
+def gather_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
+                           prefix: str = "head.", dst: int = 0) -> None:
+    """Turn a Lightning-style checkpoint dict holding this rank's shard (``state_dict[prefix +
+    'kernel']`` and the kernel's optimizer state at ``index``) into the published layout: the full
+    E x C tensors on rank ``dst`` (tensors one at a time; the shards stay on the other ranks).
+    Every rank of the head's group must call it, in the same order."""
+    group = head.group if head.world > 1 else None
+    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape),
+                      lambda shard: gather_columns(shard, head.classnum, group, dst))
+
+
+def shard_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
+                          prefix: str = "head.") -> None:
+    """The reverse of :func:`gather_head_checkpoint` for any number of ranks: replace the full
+    E x C kernel (published layout, e.g. from another W or an unsharded run) and its optimizer
+    state by this rank's columns."""
+    key = prefix + "kernel"
+    full = checkpoint.get("state_dict", {}).get(key)
+    expected = (head.embedding_size, head.classnum)
+    if full is None or tuple(full.shape) != expected:
+        got = "no head.kernel" if full is None else f"head.kernel of shape {tuple(full.shape)}"
+        raise ShardedCheckpointError(f"the checkpoint holds {got}; the sharded head expects the "
+                                     f"published layout {expected} (embedding size x classes)")
+    _map_kernel_state(checkpoint, key, index, expected,
+                      lambda tensor: shard_columns(tensor, head.world, head.rank))

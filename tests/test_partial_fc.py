@@ -1,0 +1,471 @@
+"""The sharded margin heads (head_sharded.py) against the unsharded head on the concatenated batch.
+
+W = 1 runs here without torch.distributed; W = 2, 3, 4 run once in four spawned gloo processes
+(groups of the first 2, 3 and all 4 ranks), which record relative errors that the tests below
+assert. Tiny sizes: E = 16, C = 23 (203 for sampling), 3 samples per rank.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from head import HEAD_TYPES, ArcFace, build_head
+from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
+                          global_grad_norm, kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
+                          shard_head_checkpoint)
+
+E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
+HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
+             "arcface": dict(m=0.5, h=0.0, s=64., t_alpha=1.0),
+             "cosface": dict(m=0.4, h=0.0, s=64., t_alpha=1.0)}
+TOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _heads(head_type: str, classnum: int, group, **sharded):
+    """The unsharded head and a sharded one drawn from the same random state."""
+    args = HEAD_ARGS[head_type]
+    torch.manual_seed(SEED)
+    ref = build_head(head_type, E, classnum, **args)
+    torch.manual_seed(SEED)
+    return ref, build_sharded_head(head_type, E, classnum, group=group, seed=SEED, **args, **sharded)
+
+
+def _batch(world: int, step: int, classnum: int = C):
+    g = torch.Generator().manual_seed(1000 * world + step)
+    size = world * PER_RANK
+    emb = F.normalize(torch.randn(size, E, generator=g))
+    norms = torch.empty(size, 1).uniform_(5.0, 40.0, generator=g)
+    return emb, norms, torch.randint(0, classnum, (size,), generator=g), torch.randn(size, 8, generator=g)
+
+
+def _rows(rank: int):
+    return slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+
+
+def _kernel_rel(shard: torch.Tensor, full: torch.Tensor, group, rank: int) -> float:
+    """Relative error of the reassembled shards (rank 0 gathers; -1 elsewhere)."""
+    gathered = gather_columns(shard, full.shape[1], group)
+    return _rel(gathered, full) if rank == 0 else -1.0
+
+
+def check_gradients(head_type: str, group, world: int, rank: int) -> dict:
+    """Initial kernel, then two batches: loss, embedding gradient, reassembled kernel gradient."""
+    ref, sharded = _heads(head_type, C, group)
+    initial = gather_columns(sharded.kernel, C, group)
+    out = {"init_equal": bool(torch.equal(initial, ref.kernel)) if rank == 0 else True}
+    for step in range(2):
+        emb, norms, labels, _ = _batch(world, step)
+        e_ref = emb.clone().requires_grad_(True)
+        loss_ref = F.cross_entropy(ref(e_ref, norms, labels), labels)
+        loss_ref.backward()
+        e = emb[_rows(rank)].clone().requires_grad_(True)
+        loss = sharded(e, norms[_rows(rank)], labels[_rows(rank)])
+        loss.backward()
+        out[f"loss{step}"] = _rel(loss, loss_ref)
+        out[f"emb_grad{step}"] = _rel(e.grad, e_ref.grad[_rows(rank)])
+        kernel_rel = _kernel_rel(sharded.kernel.grad, ref.kernel.grad, group, rank)
+        if rank == 0:
+            out[f"kernel_grad{step}"] = kernel_rel
+        replicated = torch.nn.Parameter(torch.ones(3))          # the same gradient on every rank
+        replicated.grad = torch.full((3,), 2.0)
+        norm = global_grad_norm([replicated], [sharded.kernel], group)
+        out[f"clip_norm{step}"] = _rel(norm, (ref.kernel.grad.pow(2).sum() + 12.0).sqrt())
+        if head_type == "adaface":
+            out[f"stats{step}"] = max(_rel(sharded.batch_mean, ref.batch_mean),
+                                      _rel(sharded.batch_std, ref.batch_std))
+        ref.kernel.grad = sharded.kernel.grad = None
+    return out
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def _embed(layer: torch.nn.Linear, x: torch.Tensor):
+    out = layer(x)
+    norms = out.norm(dim=1, keepdim=True)
+    return out / norms, norms
+
+
+def _sum_over_ranks(tensors, group) -> None:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def check_sgd(head_type: str, group, world: int, rank: int, steps: int = 20) -> dict:
+    """A linear 'backbone' + head trained with SGD (momentum, weight decay) for ``steps`` steps;
+    the sharded side sums the backbone gradient over the ranks (what DDP's mean times W gives)."""
+    ref, sharded = _heads(head_type, C, group)
+    torch.manual_seed(SEED + 1)
+    layer_ref = torch.nn.Linear(8, E)
+    layer = copy.deepcopy(layer_ref)
+    opt_ref, opt = _sgd([*layer_ref.parameters(), ref.kernel]), _sgd([*layer.parameters(), sharded.kernel])
+    for step in range(steps):
+        _, _, labels, x = _batch(world, 100 + step)
+        emb, norms = _embed(layer_ref, x)
+        opt_ref.zero_grad()
+        F.cross_entropy(ref(emb, norms, labels), labels).backward()
+        opt_ref.step()
+        emb, norms = _embed(layer, x[_rows(rank)])
+        opt.zero_grad()
+        sharded(emb, norms, labels[_rows(rank)]).backward()
+        if world > 1:
+            _sum_over_ranks([p.grad for p in layer.parameters()], group)
+        opt.step()
+    out = {"backbone": max(_rel(p, q) for p, q in zip(layer.parameters(), layer_ref.parameters()))}
+    kernel_rel = _kernel_rel(sharded.kernel, ref.kernel, group, rank)
+    if rank == 0:
+        out["kernel"] = kernel_rel
+    return out
+
+
+def check_local_stats(group, world: int, rank: int) -> dict:
+    """``stats='local'``: each rank's statistics from its own norms, its samples' margins from them;
+    the reference is one unsharded AdaFace per rank, each fed that rank's rows."""
+    ref, sharded = _heads("adaface", C, group, stats="local")
+    refs = [copy.deepcopy(ref) for _ in range(world)]
+    out = {}
+    for step in range(2):
+        emb, norms, labels, _ = _batch(world, step)
+        e_ref = emb.clone().requires_grad_(True)
+        total = sum(F.cross_entropy(h(e_ref[_rows(q)], norms[_rows(q)], labels[_rows(q)]), labels[_rows(q)],
+                                    reduction="sum") for q, h in enumerate(refs))
+        loss_ref = total / emb.shape[0]
+        loss_ref.backward()
+        e = emb[_rows(rank)].clone().requires_grad_(True)
+        loss = sharded(e, norms[_rows(rank)], labels[_rows(rank)])
+        loss.backward()
+        kernel_grad_ref = sum(h.kernel.grad for h in refs)
+        out[f"loss{step}"] = _rel(loss, loss_ref)
+        out[f"emb_grad{step}"] = _rel(e.grad, e_ref.grad[_rows(rank)])
+        kernel_rel = _kernel_rel(sharded.kernel.grad, kernel_grad_ref, group, rank)
+        if rank == 0:
+            out[f"kernel_grad{step}"] = kernel_rel
+        out[f"stats{step}"] = max(_rel(sharded.batch_mean, refs[rank].batch_mean),
+                                  _rel(sharded.batch_std, refs[rank].batch_std))
+        # the global mode's statistics (all norms) differ from this rank's own (equal at W = 1)
+        global_mean = 0.5 * norms.clamp(0.001, 100).mean() + 0.5 * (20.0 if step == 0 else out["gm"])
+        out["gm"] = float(global_mean)
+        gap = abs(float(sharded.batch_mean) - float(global_mean))
+        out[f"global_vs_local{step}"] = gap < 1e-4 if world == 1 else gap > 1e-3
+        sharded.kernel.grad = None
+        for h in refs:
+            h.kernel.grad = None
+    del out["gm"]
+    return out
+
+
+def _all_gather_list(tensor: torch.Tensor, group, world: int):
+    if world == 1:
+        return [tensor]
+    parts = [None] * world
+    dist.all_gather_object(parts, tensor, group=group)
+    return parts
+
+
+def check_sampling(group, world: int, rank: int, rate: float = 0.3) -> dict:
+    """``sample_rate``: positives kept, the loss is the softmax over the kept classes, and the kept
+    classes depend only on (seed, rank, step)."""
+    ref, sharded = _heads("arcface", C_SAMPLE, group, sample_rate=rate)
+    start, stop = shard_bounds(C_SAMPLE, world, rank)
+    n_local = stop - start
+    out = {"positives_kept": True, "count_ok": True, "loss": 0.0, "emb_grad": 0.0, "kernel_grad": 0.0}
+    kept_at = {}
+    for step in (5, 6):
+        emb, norms, labels, _ = _batch(world, step, C_SAMPLE)
+        e = emb[_rows(rank)].clone().requires_grad_(True)
+        loss = sharded(e, norms[_rows(rank)], labels[_rows(rank)], step=step)
+        loss.backward()
+        mine = sharded.sampled_classes.clone()
+        kept_at[step] = mine
+        out["count_ok"] &= mine.numel() == min(n_local, max(math.ceil(rate * n_local), emb.shape[0]))
+        out["count_ok"] &= bool(((mine >= start) & (mine < stop)).all())
+        kept = torch.cat(_all_gather_list(mine, group, world)).sort().values
+        positives = labels.unique()
+        out["positives_kept"] &= bool(torch.isin(positives, kept).all())
+        # reference: the unsharded head over the kept classes only
+        sub = ArcFace(embedding_size=E, classnum=kept.numel(), m=HEAD_ARGS["arcface"]["m"], s=64.)
+        with torch.no_grad():
+            sub.kernel.copy_(ref.kernel[:, kept])
+        e_ref = emb.clone().requires_grad_(True)
+        sub_labels = torch.searchsorted(kept, labels)
+        loss_ref = F.cross_entropy(sub(e_ref, None, sub_labels), sub_labels)
+        loss_ref.backward()
+        out["loss"] = max(out["loss"], _rel(loss, loss_ref))
+        out["emb_grad"] = max(out["emb_grad"], _rel(e.grad, e_ref.grad[_rows(rank)]))
+        full_grad = torch.zeros(E, C_SAMPLE)
+        full_grad[:, kept] = sub.kernel.grad
+        kernel_rel = _kernel_rel(sharded.kernel.grad, full_grad, group, rank)
+        if rank == 0:
+            out["kernel_grad"] = max(out["kernel_grad"], kernel_rel)
+        sharded.kernel.grad = None
+    # the same (seed, rank, step) draws the same classes whatever happened in between
+    emb, norms, labels, _ = _batch(world, 5, C_SAMPLE)
+    sharded(emb[_rows(rank)], norms[_rows(rank)], labels[_rows(rank)], step=5)
+    out["deterministic"] = bool(torch.equal(sharded.sampled_classes, kept_at[5]))
+    out["steps_differ"] = not torch.equal(kept_at[5], kept_at[6])
+    return out
+
+
+def run_checks(group, world: int, rank: int) -> dict:
+    results = {}
+    for head_type in HEAD_TYPES:
+        results[f"grad/{head_type}"] = check_gradients(head_type, group, world, rank)
+        results[f"sgd/{head_type}"] = check_sgd(head_type, group, world, rank)
+    results["local_stats"] = check_local_stats(group, world, rank)
+    results["sampling"] = check_sampling(group, world, rank)
+    return results
+
+
+def _resume_step(head, layer, opt, group, world: int, rank: int, step: int, train: bool = True) -> float:
+    """One step on the same global batch of 12 samples whatever ``world`` (rank ``rank``'s rows)."""
+    _, _, labels, x = _batch(4, 300 + step)
+    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    emb, norms = _embed(layer, x[rows])
+    loss = head(emb, norms, labels[rows])
+    if train:
+        opt.zero_grad()
+        loss.backward()
+        if world > 1:
+            _sum_over_ranks([p.grad for p in layer.parameters()], group)
+        opt.step()
+    return float(loss)
+
+
+def _fresh(group, seed: int):
+    torch.manual_seed(seed)
+    head = build_sharded_head("adaface", E, C, group=group, seed=SEED, **HEAD_ARGS["adaface"])
+    torch.manual_seed(seed + 1)
+    layer = torch.nn.Linear(8, E)
+    return head, layer, _sgd([*layer.parameters(), head.kernel])
+
+
+def _checkpoint(head, layer, opt) -> dict:
+    state = {**{"model." + k: v for k, v in layer.state_dict().items()},
+             **{"head." + k: v for k, v in head.state_dict().items()}}
+    return {"state_dict": state, "optimizer_states": [opt.state_dict()]}
+
+
+def _restore(checkpoint: dict, head, layer, opt, momentum: bool = True) -> None:
+    shard_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    state = checkpoint["state_dict"]
+    layer.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+    if momentum:
+        opt.load_state_dict(checkpoint["optimizer_states"][0])
+
+
+def check_resume(groups: dict, rank: int, path: str) -> dict:
+    """Save at W = 4 (published layout, gathered optimizer state), resume at W = 1, 2, 3: the loss of
+    the step after the first resumed step equals continuing at W = 4 (momentum included)."""
+    head, layer, opt = _fresh(groups[4], SEED)
+    for step in range(3):
+        _resume_step(head, layer, opt, groups[4], 4, rank, step)
+    checkpoint = _checkpoint(head, layer, opt)
+    gather_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    out = {}
+    if rank == 0:
+        kernel = checkpoint["state_dict"]["head.kernel"]
+        momentum = checkpoint["optimizer_states"][0]["state"][kernel_state_index(opt, head.kernel)]
+        out["published_layout"] = tuple(kernel.shape) == (E, C) and tuple(
+            momentum["momentum_buffer"].shape) == (E, C)
+        torch.save(checkpoint, path)
+    _resume_step(head, layer, opt, groups[4], 4, rank, 3)
+    expected = _resume_step(head, layer, opt, groups[4], 4, rank, 4, train=False)
+    dist.barrier()
+    for world in (1, 2, 3):
+        if rank < world:
+            for momentum in ((True, False) if world == 2 else (True,)):
+                head, layer, opt = _fresh(groups[world], SEED + 5)  # another initial kernel
+                _restore(torch.load(path, weights_only=True), head, layer, opt, momentum)
+                _resume_step(head, layer, opt, groups[world], world, rank, 3)
+                got = _resume_step(head, layer, opt, groups[world], world, rank, 4, train=False)
+                if momentum:
+                    out[f"resume_at_{world}"] = abs(got - expected) / abs(expected) <= 1e-6
+                else:
+                    out["without_momentum_differs"] = abs(got - expected) / abs(expected) > 1e-4
+        dist.barrier()
+    return out
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        groups = {size: dist.new_group(list(range(size))) for size in range(1, world)}
+        groups[world] = None            # the default group, as in training
+        results = {}
+        for size in range(2, world + 1):
+            if rank < size:
+                results[size] = run_checks(groups[size], size, rank)
+            dist.barrier()
+        results[world]["resume"] = check_resume(groups, rank, os.path.join(folder, "w4.ckpt"))
+        with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    """{W: {check: {metric: value}} for each rank} from one spawn of 4 gloo processes."""
+    folder = tmp_path_factory.mktemp("pfc")
+    mp.spawn(_worker, args=(4, str(folder)), nprocs=4, join=True)
+    per_rank = [pickle.loads((Path(folder) / f"rank{r}.pkl").read_bytes()) for r in range(4)]
+    merged = {}
+    for rank, results in enumerate(per_rank):
+        for size, checks in results.items():
+            merged.setdefault(size, []).append(checks)
+    return merged
+
+
+def _assert_results(per_rank_checks, name):
+    for rank, checks in enumerate(per_rank_checks):
+        for metric, value in checks[name].items():
+            if isinstance(value, bool):
+                assert value, f"{name}: {metric} failed on rank {rank}"
+            else:
+                assert value <= TOL, f"{name}: {metric} relative error {value:.2e} on rank {rank}"
+
+
+CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + ["local_stats", "sampling"]
+
+
+def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
+    _assert_results(gloo_results[4], "resume")
+    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout"} <= set(gloo_results[4][0]["resume"])
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_single_process_without_distributed(name):
+    assert not dist.is_initialized()
+    head_type = name.split("/")[-1]
+    if name.startswith("grad/"):
+        checks = {name: check_gradients(head_type, None, 1, 0)}
+    elif name.startswith("sgd/"):
+        checks = {name: check_sgd(head_type, None, 1, 0)}
+    elif name == "local_stats":
+        checks = {name: check_local_stats(None, 1, 0)}
+    else:
+        checks = {name: check_sampling(None, 1, 0)}
+    _assert_results([checks], name)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("name", CHECKS)
+def test_gloo_matches_unsharded(gloo_results, world, name):
+    assert len(gloo_results[world]) == world
+    _assert_results(gloo_results[world], name)
+
+
+def test_shard_bounds_cover_the_classes_without_padding():
+    for classnum, world in ((23, 4), (23, 3), (8, 8), (1000003, 7)):
+        bounds = [shard_bounds(classnum, world, r) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == classnum
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        sizes = [b - a for a, b in bounds]
+        assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="cannot shard"):
+        shard_bounds(3, 4, 0)
+
+
+def test_shard_columns_and_gather_round_trip_single_process():
+    full = torch.randn(E, C)
+    parts = [shard_columns(full, 3, r) for r in range(3)]
+    assert torch.equal(torch.cat(parts, 1), full)
+    assert torch.equal(gather_columns(full, C), full)
+
+
+def test_sample_columns_keeps_positives_even_when_they_fill_the_budget():
+    labels = torch.arange(0, 40, 2).reshape(-1, 1)            # 20 positives, rate 0.01 of 50 classes
+    has_target = torch.ones_like(labels, dtype=torch.bool)
+    g = torch.Generator().manual_seed(sample_seed(1, 0, 3))
+    kept = sample_columns(labels, has_target, 50, 0.01, g)
+    assert kept.numel() == 20 and torch.equal(kept, labels.reshape(-1))
+
+
+@pytest.mark.parametrize("bad, match", [([0, C], r"\[0, 23\)"), ([-1, 2], r"\[0, 23\)"),
+                                        ([0.0, 1.0], "integer class indices")])
+def test_bad_labels_are_rejected(bad, match):
+    _, sharded = _heads("cosface", C, None)
+    with pytest.raises(ValueError, match=match):
+        sharded(F.normalize(torch.randn(2, E)), None, torch.tensor(bad))
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="sample_rate"):
+        _heads("arcface", C, None, sample_rate=0.0)
+    with pytest.raises(ValueError, match="statistics mode"):
+        _heads("adaface", C, None, stats="rank0")
+    _, ada = _heads("adaface", C, None)
+    with pytest.raises(ValueError, match="one feature norm per embedding"):
+        ada(F.normalize(torch.randn(2, E)), None, torch.tensor([0, 1]))
+
+
+def test_state_dict_keys_are_the_published_ones():
+    _, ada = _heads("adaface", C, None)
+    assert list(ada.state_dict()) == ["kernel", "t", "batch_mean", "batch_std"]
+
+
+def test_a_checkpoint_of_another_class_count_is_a_clear_error():
+    _, head = _heads("arcface", C, None)
+    checkpoint = {"state_dict": {"head.kernel": torch.zeros(E, C + 1)}}
+    with pytest.raises(ShardedCheckpointError, match=r"shape \(16, 24\).*\(16, 23\)"):
+        shard_head_checkpoint(checkpoint, head, None)
+
+
+def test_main_partial_fc_on_two_gloo_processes(tmp_path):
+    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 3 steps, sampling, clipping):
+    each rank holds half of the 6 classes, the backbone stays identical on both ranks, and last.ckpt
+    holds the full kernel and its momentum for every class (published layout)."""
+    import subprocess
+    import sys
+
+    import net
+    from train_val import split_parameters
+    from utils.demo_data import generate_demo_data
+
+    repo = Path(__file__).resolve().parent.parent
+    data, out = tmp_path / "data", tmp_path / "run"
+    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
+                       show_progress=False)
+    cmd = [sys.executable, str(repo / "main.py"), "--data_root", str(data), "--train_data_path", ".",
+           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
+           "--num_workers", "0", "--output_dir", str(out), "--epochs", "1", "--seed", "7",
+           "--cpu_processes", "2", "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
+    assert log.count("replicated weights identical on all 2 ranks") == 2
+    steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
+    assert len(steps) == 2 and steps[0] >= 3, steps
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] >= 1
+    kernel = ckpt["state_dict"]["head.kernel"]
+    index = len(split_parameters(net.build_model("ir_tiny"))[0])
+    momentum = ckpt["optimizer_states"][0]["state"][index]["momentum_buffer"]
+    assert kernel.shape == momentum.shape == (512, 6)
+    assert momentum[:, :3].abs().sum() > 0 and momentum[:, 3:].abs().sum() > 0   # both ranks' classes
+    torch.testing.assert_close(kernel.norm(dim=0), torch.ones(6), atol=0.2, rtol=0)
