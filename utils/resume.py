@@ -50,7 +50,7 @@ def save_checkpoint_atomically(trainer: pl.Trainer, path: PathLike) -> None:
     process, as ``trainer.save_checkpoint`` requires)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # the full training state
     if trainer.is_global_zero:
         os.replace(tmp, path)
     trainer.strategy.barrier("save_checkpoint_atomically")
