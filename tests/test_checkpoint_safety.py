@@ -304,7 +304,8 @@ def test_trust_checkpoint_flags(unlisted, tiny_data, tmp_path):
     args = get_args(argv + ["--trust_checkpoint"])
     check_checkpoint_flags(args)
     module = train_val.Trainer(**{**vars(args), "class_num": 6})  # main.py's module loads it too
-    expected = torch.load(unlisted, weights_only=False)["state_dict"]["model.output_layer.3.weight"]
+    with torch.serialization.safe_globals([PurePosixPath, argparse.Namespace]):  # reference: torch's safe loader
+        expected = torch.load(unlisted, weights_only=True)["state_dict"]["model.output_layer.3.weight"]
     torch.testing.assert_close(module.model.output_layer[3].weight.detach(), expected)
     assert inference._parse_args(["--trust_checkpoint"]).trust_checkpoint is True
 

@@ -10,7 +10,6 @@ import copy
 import datetime
 import math
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from head import HEAD_TYPES, ArcFace, build_head
 from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
                           global_grad_norm, kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
                           shard_head_checkpoint)
+from utils.checkpoint import read_checkpoint
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
 HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
@@ -319,8 +319,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
                 results[size] = run_checks(groups[size], size, rank)
             dist.barrier()
         results[world]["resume"] = check_resume(groups, rank, os.path.join(folder, "w4.ckpt"))
-        with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(results, f)
+        torch.save(results, os.path.join(folder, f"rank{rank}.pt"))  # plain dicts of numbers
     finally:
         dist.destroy_process_group()
 
@@ -330,7 +329,7 @@ def gloo_results(tmp_path_factory):
     """{W: {check: {metric: value}} for each rank} from one spawn of 4 gloo processes."""
     folder = tmp_path_factory.mktemp("pfc")
     mp.spawn(_worker, args=(4, str(folder)), nprocs=4, join=True)
-    per_rank = [pickle.loads((Path(folder) / f"rank{r}.pkl").read_bytes()) for r in range(4)]
+    per_rank = [torch.load(Path(folder) / f"rank{r}.pt", weights_only=True) for r in range(4)]
     merged = {}
     for rank, results in enumerate(per_rank):
         for size, checks in results.items():
@@ -461,7 +460,7 @@ def test_main_partial_fc_on_two_gloo_processes(tmp_path):
     assert log.count("replicated weights identical on all 2 ranks") == 2
     steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
     assert len(steps) == 2 and steps[0] >= 3, steps
-    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(out / "last.ckpt")  # the project's safe loader
     assert ckpt["global_step"] >= 1
     kernel = ckpt["state_dict"]["head.kernel"]
     index = len(split_parameters(net.build_model("ir_tiny"))[0])

@@ -20,6 +20,7 @@ import main as main_module
 from data import DataModule, ValidationPairDataset
 from net import build_model
 from tests.scripts import load_script
+from utils.checkpoint import read_checkpoint
 from utils.config import get_args
 from utils.demo_data import generate_demo_data
 from utils.features import extract_features
@@ -68,7 +69,7 @@ def validated(setup):
 
 def _reference_features(ckpt: Path, images: torch.Tensor):
     """The checkpoint's backbone (loaded by hand) and the flip fusion written out."""
-    state = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']
+    state = read_checkpoint(ckpt)['state_dict']  # the safe loader; the backbone is copied by hand
     model = build_model('ir_tiny')
     model.load_state_dict({k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')})
     model.eval()
