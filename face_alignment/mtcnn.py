@@ -87,7 +87,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
 
     Overlap is intersection over union (``mode='union'``) or over the smaller box (``'min'``),
     with inclusive-pixel areas ``(x2 - x1 + 1)(y2 - y1 + 1)``; a box is dropped when its overlap with
-    a kept, higher-scoring box exceeds ``threshold``.
+    a kept, higher-scoring box exceeds ``threshold``. Equal scores are visited in the order of the
+    published code (numpy's default ascending ``argsort``, taken from its end), so ties among
+    equally confident faces resolve, and the faces come out, as there.
     """
     if mode not in ("union", "min"):
         raise ValueError(f"nms mode must be 'union' or 'min', got {mode!r}")
@@ -95,7 +97,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
         return np.zeros((0,), dtype=np.int64)
     x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
     area = (x2 - x1 + 1.0) * (y2 - y1 + 1.0)
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(scores)[::-1]
     keep = []
     while order.size:
         best, rest = order[0], order[1:]
@@ -142,6 +144,23 @@ def crop_boxes(rgb: np.ndarray, boxes: np.ndarray, size: int) -> torch.Tensor:
             canvas[sy1 - y1:sy2 - y1 + 1, sx1 - x1:sx2 - x1 + 1] = rgb[sy1:sy2 + 1, sx1:sx2 + 1]
         crops[i] = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BILINEAR))
     return normalize_pixels(crops)
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Boxes with ``x1, y1`` raised to 0 and ``x2, y2`` lowered to ``width - 1, height - 1``.
+
+    The published detector does this to its boxes as a side effect of cutting them out
+    (``correct_bboxes`` writes through views of the box array), after R-Net's and O-Net's crops
+    are taken, so each later step (NMS, box regression, landmark placement) works on the clipped
+    box while the network saw the unclipped one. Both modes do the same, so that the default
+    detector equals the published one apart from P-Net's softmax axis.
+    """
+    out = boxes.copy()
+    out[:, 0] = np.maximum(out[:, 0], 0.0)
+    out[:, 1] = np.maximum(out[:, 1], 0.0)
+    out[:, 2] = np.minimum(out[:, 2], width - 1.0)
+    out[:, 3] = np.minimum(out[:, 3], height - 1.0)
+    return out
 
 
 def _valid(boxes: np.ndarray) -> np.ndarray:
@@ -228,6 +247,7 @@ class MTCNN:
         if len(boxes) == 0:
             return empty
         offsets, probs = self._run_batched(self.rnet, rgb, boxes, 24)
+        boxes = clip_boxes(boxes, pil.width, pil.height)
         keep = probs[:, 1] > self.thresholds[1]
         boxes, scores, offsets = boxes[keep], probs[keep, 1], offsets[keep]
         keep = nms(boxes, scores, self.nms_thresholds[1])
@@ -238,6 +258,7 @@ class MTCNN:
         if len(boxes) == 0:
             return empty
         marks, offsets, probs = self._run_batched(self.onet, rgb, boxes, 48)
+        boxes = clip_boxes(boxes, pil.width, pil.height)
         keep = probs[:, 1] > self.thresholds[2]
         boxes, scores, offsets, marks = boxes[keep], probs[keep, 1], offsets[keep], marks[keep]
         if len(boxes) == 0:
