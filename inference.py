@@ -14,7 +14,7 @@ Command line::
     python inference.py [--image_dir DIR] [--architecture ir_50 | --ckpt_path FILE [--arch ARCH]]
                         [--trust_checkpoint]
                         [--device cpu|cuda] [--fusion_method none|pre_norm_vector_add|...]
-                        [--export_onnx PATH]
+                        [--export_onnx PATH] [--compat default|published]
 
 It aligns the most confident face of every image in ``--image_dir`` (default
 ``face_alignment/test_images``, filled with sample photos on first use), prints the cosine
@@ -37,7 +37,7 @@ from prettytable import PrettyTable
 from torch import nn
 from tqdm import tqdm
 
-from face_alignment.align import detect_faces, get_detector
+from face_alignment.align import add_compat_argument, detect_faces, get_detector, load_photo
 from face_alignment.nets import INSTALL_HINT
 from face_alignment.sample_images import DEFAULT_DIR as SAMPLE_IMAGE_DIR
 from face_alignment.sample_images import ensure_test_images
@@ -47,7 +47,7 @@ from utils.cli import run_cli
 from utils.device import resolve_device
 from utils.features import embed_batch
 from utils.fusion import FUSION_METHODS
-from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images, load_image_file
+from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
 from utils.onnx_export import export_and_check
 from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
@@ -147,23 +147,24 @@ def cosine_similarity_matrix(features: np.ndarray) -> np.ndarray:
 def align_images(paths: Sequence[Path], root: Optional[Path] = None,
                  mtcnn_weights: Union[str, Path, None] = None,
                  device: Union[str, torch.device] = 'cpu',
-                 progress: bool = True) -> InferenceResult:
-    """Detect and align the most confident face of each photo (what ``get_aligned_face`` returns).
+                 progress: bool = True, compat: str = "default") -> InferenceResult:
+    """Detect and align the most confident face of each photo (what ``get_aligned_face`` returns;
+    ``compat="published"``: the published photo alignment, see ``face_alignment.align``).
 
     Unreadable files and photos without a face are recorded in ``skipped`` with the reason.
     Names are the paths relative to ``root`` (or the file names).
     """
-    get_detector(mtcnn_weights, device)  # fail early on missing MTCNN weights
+    get_detector(mtcnn_weights, device, compat)  # fail early on missing MTCNN weights
     result = InferenceResult()
     for path in tqdm(paths, desc="aligning", unit="img", disable=not progress):
         path = Path(path)
         name = path.relative_to(root).as_posix() if root is not None else path.name
         try:
-            rgb = load_image_file(path)
+            rgb = load_photo(path, compat)
         except ImageDecodeError as exc:
             result.skipped.append((path, f"unreadable ({exc})"))
             continue
-        faces = detect_faces(rgb, weights_dir=mtcnn_weights, device=device)
+        faces = detect_faces(rgb, weights_dir=mtcnn_weights, device=device, compat=compat)
         if not faces:
             result.skipped.append((path, "no face found"))
             continue
@@ -195,14 +196,14 @@ def embed_faces(model: nn.Module, result: InferenceResult, fusion_method: str = 
 def run_inference(model: nn.Module, image_dir: Union[str, Path],
                   fusion_method: str = DEFAULT_FUSION,
                   mtcnn_weights: Union[str, Path, None] = None,
-                  progress: bool = True) -> InferenceResult:
+                  progress: bool = True, compat: str = "default") -> InferenceResult:
     """Align every image under ``image_dir`` (recursively, sorted) and embed the faces with
-    ``model``; MTCNN runs on the model's device."""
+    ``model``; MTCNN runs on the model's device (``compat``: see ``align_images``)."""
     root = Path(image_dir)
     paths = list_images(root)
     device = next(model.parameters()).device
     result = align_images(paths, root=root, mtcnn_weights=mtcnn_weights, device=device,
-                          progress=progress)
+                          progress=progress, compat=compat)
     return embed_faces(model, result, fusion_method=fusion_method)
 
 
@@ -272,6 +273,7 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "embedding and norm), check it against PyTorch with onnxruntime, and "
                              "exit without processing images")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    add_compat_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -301,7 +303,8 @@ def _run(argv: Optional[Sequence[str]]) -> None:
     if not list_images(image_dir):
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
     result = run_inference(model, image_dir, fusion_method=args.fusion_method,
-                           mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress)
+                           mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress,
+                           compat=args.compat)
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
     if not result.faces:

@@ -8,7 +8,14 @@
   and a summary of faces found and missed. Also a CLI:
   ``python -m face_alignment.align SRC_DIR DST_DIR [--mtcnn_weights DIR] [--device cuda]``.
 
-The detector is built on first use and cached per (weights folder, device).
+Every function takes ``compat``: ``"default"`` (P-Net's softmax over its channels, forward
+least-squares similarity; the crop InsightFace made for MS1MV2) or ``"published"`` (the published
+photo pipeline exactly: P-Net's softmax over the last axis, the ``matlab_cp2tform`` transform with
+its reflective candidate, files decoded by PIL without EXIF orientation). Both return the faces in
+the same order (highest O-Net confidence first, ties as in the published NMS). The CLIs take
+``--compat published``. The README's "Align and infer" section measures the difference.
+
+The detector is built on first use and cached per (weights folder, device, compat).
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from PIL import Image
 from prettytable import PrettyTable
 from tqdm import tqdm
 
-from face_alignment.mtcnn import MTCNN, to_rgb_array
+from face_alignment.mtcnn import COMPAT_MODES, MTCNN, check_compat, to_rgb_array
 from face_alignment.nets import INSTALL_HINT, find_weights_dir
 from face_alignment.similarity import align_face
 from utils.cli import run_cli
@@ -33,7 +40,7 @@ from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, encode_jpeg, encode_
 
 logger = logging.getLogger(__name__)
 
-_DETECTORS: Dict[Tuple[str, str], MTCNN] = {}
+_DETECTORS: Dict[Tuple[str, str, str], MTCNN] = {}
 
 
 @dataclass
@@ -49,55 +56,75 @@ class Face:
 
 
 def get_detector(weights_dir: Union[str, Path, None] = None,
-                 device: Union[str, torch.device] = "cpu") -> MTCNN:
-    """The cached MTCNN detector for this weights folder and device (built on first call)."""
-    key = (str(find_weights_dir(weights_dir).resolve()), str(torch.device(device)))
+                 device: Union[str, torch.device] = "cpu", compat: str = "default") -> MTCNN:
+    """The cached MTCNN detector for this weights folder, device and compat mode (built on first
+    call)."""
+    key = (str(find_weights_dir(weights_dir).resolve()), str(torch.device(device)),
+           check_compat(compat))
     if key not in _DETECTORS:
-        _DETECTORS[key] = MTCNN(weights_dir=key[0], device=device)
+        _DETECTORS[key] = MTCNN(weights_dir=key[0], device=device, compat=compat)
     return _DETECTORS[key]
 
 
 def detect_faces(rgb_image: Union[np.ndarray, Image.Image],
                  weights_dir: Union[str, Path, None] = None,
-                 device: Union[str, torch.device] = "cpu") -> List[Face]:
-    """All faces in an RGB image (array or PIL), highest confidence first, each aligned."""
+                 device: Union[str, torch.device] = "cpu", compat: str = "default") -> List[Face]:
+    """All faces in an RGB image (array or PIL), highest confidence first, each aligned
+    (``compat``: see the module docstring)."""
     rgb = to_rgb_array(rgb_image)
-    det = get_detector(weights_dir, device).detect(rgb)
+    det = get_detector(weights_dir, device, compat).detect(rgb)
     return [Face(box=det.boxes[i].copy(), score=float(det.scores[i]),
                  landmarks=det.landmarks[i].copy(),
-                 aligned=Image.fromarray(align_face(rgb, det.landmarks[i])))
+                 aligned=Image.fromarray(align_face(rgb, det.landmarks[i], compat=compat)))
             for i in range(len(det))]
 
 
-def _load_rgb(image_path: Union[str, Path]) -> np.ndarray:
+def load_photo(path: Path, compat: str = "default") -> np.ndarray:
+    """Decode a photo file to RGB: OpenCV with EXIF orientation applied (default), or PIL's
+    ``Image.open(path).convert('RGB')`` without it, as the published code (``"published"``).
+    Undecodable files raise ``ImageDecodeError`` (a ``ValueError``) naming the file."""
+    if check_compat(compat) == "default":
+        return load_image_file(path)
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def _load_rgb(image_path: Union[str, Path], compat: str = "default") -> np.ndarray:
     path = Path(image_path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
-    return load_image_file(path)  # ImageDecodeError (a ValueError) names the file
+    return load_photo(path, compat)
 
 
-def _most_prominent(rgb: np.ndarray, weights_dir, device) -> Optional[Image.Image]:
+def _most_prominent(rgb: np.ndarray, weights_dir, device,
+                    compat: str = "default") -> Optional[Image.Image]:
     """Aligned crop of the most confident face (the published choice), or None."""
-    det = get_detector(weights_dir, device).detect(rgb)
+    det = get_detector(weights_dir, device, compat).detect(rgb)
     if len(det) == 0:
         return None
-    return Image.fromarray(align_face(rgb, det.landmarks[0]))
+    return Image.fromarray(align_face(rgb, det.landmarks[0], compat=compat))
 
 
 def get_aligned_face(image_path: Union[str, Path, None],
                      rgb_pil_image: Optional[Image.Image] = None,
                      weights_dir: Union[str, Path, None] = None,
-                     device: Union[str, torch.device] = "cpu") -> Optional[Image.Image]:
+                     device: Union[str, torch.device] = "cpu",
+                     compat: str = "default") -> Optional[Image.Image]:
     """The most confident face of a photo, aligned to a 112x112 RGB PIL image; None if no face.
 
     The photo is read from ``image_path`` unless ``rgb_pil_image`` is given (then the path only
     names it in messages). A missing file raises ``FileNotFoundError``; an undecodable one a
     ``ValueError`` naming the path. When no face is found a warning says so and None is returned.
     Files are decoded by ``utils.image.load_image_file`` (OpenCV, which applies the EXIF
-    orientation; the published code opened them with PIL, which does not).
+    orientation; the published code opened them with PIL, which does not, and so does
+    ``compat="published"``).
     """
+    check_compat(compat)
     if rgb_pil_image is not None:
         if not isinstance(rgb_pil_image, Image.Image):
             raise TypeError(f"rgb_pil_image must be a PIL image, got {type(rgb_pil_image).__name__}")
@@ -106,9 +133,9 @@ def get_aligned_face(image_path: Union[str, Path, None],
     elif image_path is None:
         raise ValueError("get_aligned_face needs an image_path or an rgb_pil_image")
     else:
-        rgb = _load_rgb(image_path)
+        rgb = _load_rgb(image_path, compat)
         name = str(image_path)
-    face = _most_prominent(rgb, weights_dir, device)
+    face = _most_prominent(rgb, weights_dir, device, compat)
     if face is None:
         logger.warning("no face found in %s", name)
     return face
@@ -146,18 +173,19 @@ def aligned_path(src_file: Path, src_dir: Path, dst_dir: Path) -> Path:
 def align_folder(src_dir: Union[str, Path], dst_dir: Union[str, Path],
                  weights_dir: Union[str, Path, None] = None,
                  device: Union[str, torch.device] = "cpu",
-                 overwrite: bool = False, progress: bool = True) -> AlignSummary:
+                 overwrite: bool = False, progress: bool = True,
+                 compat: str = "default") -> AlignSummary:
     """Align the most confident face of every image under ``src_dir`` into ``dst_dir``.
 
     The folder structure is kept (see :func:`aligned_path`); images without a face or that cannot
     be decoded are skipped and listed in the returned summary. Existing outputs are kept unless
-    ``overwrite``.
+    ``overwrite``. ``compat``: see the module docstring.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     files = list_images(src)
     if not files:
         logger.warning("no image files (%s) under %s", ", ".join(IMAGE_EXTENSIONS), src)
-    detector = get_detector(weights_dir, device)
+    detector = get_detector(weights_dir, device, compat)
     summary = AlignSummary()
     for path in tqdm(files, desc=f"aligning {src.name}", unit="img", disable=not progress):
         out = aligned_path(path, src, dst)
@@ -165,7 +193,7 @@ def align_folder(src_dir: Union[str, Path], dst_dir: Union[str, Path],
             summary.skipped_existing += 1
             continue
         try:
-            rgb = load_image_file(path)
+            rgb = load_photo(path, compat)
         except ImageDecodeError as exc:
             logger.warning("skipping unreadable image: %s", exc)
             summary.unreadable.append(path)
@@ -175,7 +203,7 @@ def align_folder(src_dir: Union[str, Path], dst_dir: Union[str, Path],
             logger.debug("no face found in %s", path)
             summary.no_face.append(path)
             continue
-        aligned = align_face(rgb, det.landmarks[0])
+        aligned = align_face(rgb, det.landmarks[0], compat=compat)
         out.parent.mkdir(parents=True, exist_ok=True)
         is_jpeg = out.suffix.lower() in (".jpg", ".jpeg")
         data = encode_jpeg(aligned) if is_jpeg else encode_png(aligned)
@@ -185,6 +213,15 @@ def align_folder(src_dir: Union[str, Path], dst_dir: Union[str, Path],
                 "%d already aligned)", summary.found, summary.total, src, dst,
                 len(summary.no_face), len(summary.unreadable), summary.skipped_existing)
     return summary
+
+
+def add_compat_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--compat`` flag of the alignment CLIs."""
+    parser.add_argument("--compat", choices=COMPAT_MODES, default="default",
+                        help="'published' reproduces the published photo alignment exactly "
+                             "(P-Net softmax over the last axis, cp2tform-style transform, PIL "
+                             "decoding); default: softmax over the channels, forward "
+                             "least-squares similarity")
 
 
 def _run(argv: Optional[Sequence[str]]) -> None:
@@ -198,9 +235,11 @@ def _run(argv: Optional[Sequence[str]]) -> None:
                              f"the facenet-pytorch wheel, installed with `{INSTALL_HINT}`)")
     parser.add_argument("--device", default="cpu", help="torch device for MTCNN, e.g. cpu, cuda")
     parser.add_argument("--overwrite", action="store_true", help="redo images already aligned")
+    add_compat_argument(parser)
     args = parser.parse_args(argv)
     summary = align_folder(args.src_dir, args.dst_dir, weights_dir=args.mtcnn_weights,
-                           device=resolve_device(args.device), overwrite=args.overwrite)
+                           device=resolve_device(args.device), overwrite=args.overwrite,
+                           compat=args.compat)
     print(summary.table())
     for path in summary.no_face:
         print(f"no face: {path}")

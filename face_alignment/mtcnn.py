@@ -39,6 +39,16 @@ SCALE_FACTOR = 0.85
 PNET_NMS_WITHIN_SCALE = 0.5
 PNET_CELL, PNET_STRIDE = 12, 2
 MAX_BATCH = 1024  # crops per R-Net / O-Net forward pass
+#: ``"default"``: P-Net's softmax over its two channels; ``"published"``: over the last axis (the
+#: image columns), as the published ``get_nets.py`` computes it. Nothing else differs.
+COMPAT_MODES = ("default", "published")
+
+
+def check_compat(compat: str) -> str:
+    """``compat`` if it is one of :data:`COMPAT_MODES`, else a ``ValueError`` naming them."""
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}, got {compat!r}")
+    return compat
 
 
 @dataclass
@@ -173,6 +183,8 @@ class MTCNN:
 
     ``weights_dir``: folder with ``pnet.pt``, ``rnet.pt``, ``onet.pt`` (default: the installed
     facenet-pytorch wheel's data). ``device``: where the networks run (``'cpu'``, ``'cuda'``, ...).
+    ``compat``: ``"published"`` takes P-Net's softmax over the last axis as the published code
+    does (it then finds far fewer faces on group photos); see :data:`COMPAT_MODES`.
     """
 
     def __init__(self, weights_dir: Union[str, Path, None] = None,
@@ -180,7 +192,7 @@ class MTCNN:
                  min_face_size: float = MIN_FACE_SIZE,
                  thresholds: Sequence[float] = THRESHOLDS,
                  nms_thresholds: Sequence[float] = NMS_THRESHOLDS,
-                 scale_factor: float = SCALE_FACTOR) -> None:
+                 scale_factor: float = SCALE_FACTOR, compat: str = "default") -> None:
         if not 0.0 < scale_factor < 1.0:
             raise ValueError(f"scale_factor must be in (0, 1), got {scale_factor}")
         if min_face_size < PNET_CELL:
@@ -188,7 +200,9 @@ class MTCNN:
         if len(thresholds) != 3 or len(nms_thresholds) != 3:
             raise ValueError("thresholds and nms_thresholds need one value per stage (3 each)")
         self.device = torch.device(device)
+        self.compat = check_compat(compat)
         self.pnet, self.rnet, self.onet = load_nets(weights_dir, self.device)
+        self.pnet.softmax_dim = -1 if compat == "published" else 1
         self.min_face_size = float(min_face_size)
         self.thresholds = tuple(float(t) for t in thresholds)
         self.nms_thresholds = tuple(float(t) for t in nms_thresholds)

@@ -39,11 +39,16 @@ def _caffe_flatten(x: torch.Tensor) -> torch.Tensor:
 class PNet(nn.Module):
     """Proposal network: fully convolutional, 12x12 receptive field, stride 2.
 
-    ``forward`` returns ``(offsets (B, 4, h, w), probs (B, 2, h, w))``.
+    ``forward`` returns ``(offsets (B, 4, h, w), probs (B, 2, h, w))``. ``softmax_dim`` is the
+    axis of the face/non-face softmax: 1, the two channels (default); -1 reproduces the published
+    ``get_nets.py``, whose softmax runs over the image columns instead (``compat="published"``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, softmax_dim: int = 1) -> None:
         super().__init__()
+        if softmax_dim not in (1, -1):
+            raise ValueError(f"softmax_dim must be 1 (channels) or -1 (published), got {softmax_dim}")
+        self.softmax_dim = softmax_dim
         self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
         self.prelu1 = nn.PReLU(10)
         self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
@@ -58,7 +63,7 @@ class PNet(nn.Module):
         x = self.pool1(self.prelu1(self.conv1(x)))
         x = self.prelu2(self.conv2(x))
         x = self.prelu3(self.conv3(x))
-        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=1)
+        return self.conv4_2(x), torch.softmax(self.conv4_1(x), dim=self.softmax_dim)
 
 
 class RNet(nn.Module):
