@@ -84,6 +84,15 @@ def portrait_arrays() -> Dict[str, np.ndarray]:
             "grace_hopper": hopper_rgb}
 
 
+def closeup_photos() -> Dict[str, np.ndarray]:
+    """Two portraits cut so tightly that the detector's boxes leave the image (where box
+    clipping matters): ``astronaut_closeup`` (rows 60-190, columns 175-275) and
+    ``grace_hopper_closeup`` (rows 30-260, columns 150-380)."""
+    photos = portrait_arrays()
+    return {"astronaut_closeup": np.ascontiguousarray(photos["astronaut"][60:190, 175:275]),
+            "grace_hopper_closeup": np.ascontiguousarray(photos["grace_hopper"][30:260, 150:380])}
+
+
 def _paste(canvas: np.ndarray, tile: np.ndarray, x: int, y: int) -> None:
     canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
 
