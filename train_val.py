@@ -237,6 +237,8 @@ class Trainer(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = self._evaluate_outputs("test")
+        if results:
+            results["epoch"] = float(self.current_epoch)  # logged at test too, as published
         for key, value in results.items():
             self.log(key, value, sync_dist=False)
 
@@ -276,6 +278,8 @@ class Trainer(pl.LightningModule):
             summary = evaluate_pair_set(embeddings, issame, nrof_folds=folds)
             results[f"{name}_{stage}_acc"] = summary["acc"]
             results[f"{name}_{stage}_best_threshold"] = summary["best_threshold"]
+            if stage == "val":  # the published train_val.py's name for the same value
+                results[f"{name}_best_threshold"] = summary["best_threshold"]
             results[f"{name}_num_{stage}_samples"] = float(len(embeddings))
             accuracies.append(summary["acc"])
         results[f"{stage}_acc"] = float(np.mean(accuracies)) if accuracies else math.nan

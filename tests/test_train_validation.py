@@ -118,3 +118,31 @@ def test_validation_accuracy_equals_eval_5valsets(setup, validated, tmp_path):
         assert got[f'{name}_val_best_threshold'] == pytest.approx(script[name]['best_threshold'], abs=1e-12)
         assert got[f'{name}_num_val_samples'] == 2 * PAIRS
     assert got['val_acc'] == pytest.approx(np.mean([script[n]['acc'] for n in SETS]), abs=1e-12)
+
+
+def test_logged_metric_names_include_the_published_ones(setup, validated):
+    """The names the published train_val.py logs (validation_epoch_end / test_epoch_end), written
+    out here: ``{set}_val_acc``, ``{set}_best_threshold``, ``{set}_num_val_samples``, ``val_acc``,
+    ``epoch``; at test ``{set}_test_acc``, ``{set}_test_best_threshold``,
+    ``{set}_num_test_samples``, ``test_acc``, ``epoch``."""
+    root, ckpt, work = setup
+    logged = validated.trainer.callback_metrics
+    for name in SETS:
+        for key in (f'{name}_val_acc', f'{name}_best_threshold', f'{name}_num_val_samples'):
+            assert key in logged, key
+        assert float(logged[f'{name}_best_threshold']) == pytest.approx(
+            validated.last_results[f'{name}_val_best_threshold'], abs=1e-6)
+    assert 'val_acc' in logged and float(logged['epoch']) == 0.0
+
+    args = get_args(['--data_root', str(root), '--train_data_path', '.', '--val_data_path', '.', '--gpus', '0',
+                     '--arch', 'ir_tiny', '--batch_size', str(BATCH), '--num_workers', '0',
+                     '--output_dir', str(work / 'run_test'), '--start_from_model_statedict', str(ckpt)])
+    dm = DataModule.from_args(args, seed=args.seed, val_set_names=SETS, label_cache_dir=work / 'labels')
+    module = main_module.build_module(args, dm)
+    trainer = main_module.build_trainer(args, callbacks=[], loggers=[])
+    trainer.test(module, datamodule=dm, verbose=False)
+    logged = trainer.callback_metrics
+    for name in SETS:
+        for key in (f'{name}_test_acc', f'{name}_test_best_threshold', f'{name}_num_test_samples'):
+            assert key in logged, key
+    assert 'test_acc' in logged and 'epoch' in logged
