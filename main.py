@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -39,6 +39,20 @@ def build_module(args, data_module: data.DataModule) -> train_val.Trainer:
         check_resume_classes(args.resume_from_checkpoint, hparams["class_num"],
                              trust=getattr(args, "trust_checkpoint", False))
     return train_val.Trainer(**hparams)
+
+
+def build_seeded(args) -> Tuple[data.DataModule, train_val.Trainer]:
+    """Seed with ``--seed`` and build the DataModule and the LightningModule, in the order of
+    ``--seed_order``: seeding first (the initial weights follow ``--seed``) or, as the published
+    ``main.py``, after building (the initial weights then come from whatever state torch's
+    generator is in: a random seed per process)."""
+    if getattr(args, "seed_order", "before_model") != "published":
+        pl.seed_everything(args.seed, workers=True)
+    data_module = data.DataModule.from_args(args, seed=args.seed)
+    module = build_module(args, data_module)
+    if getattr(args, "seed_order", "before_model") == "published":
+        pl.seed_everything(args.seed, workers=True)
+    return data_module, module
 
 
 def build_loggers(args) -> List:
@@ -144,10 +158,7 @@ def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> 
     args.batch_size = args.batch_size // world
     if world > 1 and args.gpus > 0:
         torch.set_num_threads(1)
-    pl.seed_everything(args.seed, workers=True)
-
-    data_module = data.DataModule.from_args(args, seed=args.seed)
-    module = build_module(args, data_module)
+    data_module, module = build_seeded(args)
 
     callbacks = build_checkpoint_callbacks(args)
     checkpoint = callbacks[0]

@@ -146,3 +146,23 @@ def test_logged_metric_names_include_the_published_ones(setup, validated):
         for key in (f'{name}_test_acc', f'{name}_test_best_threshold', f'{name}_num_test_samples'):
             assert key in logged, key
     assert 'test_acc' in logged and 'epoch' in logged
+
+
+@pytest.mark.parametrize('order', ['before_model', 'published'])
+def test_seed_order(setup, order):
+    """``--seed_order before_model`` (default): the initial weights follow --seed, whatever the
+    generator's state before. ``published`` (the published main.py seeds after building): they
+    follow the state before, and the generator is seeded by --seed afterwards either way."""
+    root, ckpt, work = setup
+    args = get_args(['--data_root', str(root), '--train_data_path', '.', '--val_data_path', '.', '--gpus', '0',
+                     '--arch', 'ir_tiny', '--batch_size', str(BATCH), '--num_workers', '0',
+                     '--output_dir', str(work / f'run_{order}'), '--seed', '7', '--seed_order', order])
+    built, after = [], []
+    for prior in (1, 2):
+        torch.manual_seed(prior)
+        _, module = main_module.build_seeded(args)
+        built.append(module.model.state_dict()['input_layer.0.weight'].clone())
+        after.append(torch.rand(3))
+    torch.testing.assert_close(after[0], after[1])  # seeded by --seed afterwards in both orders
+    same = torch.equal(built[0], built[1])
+    assert same == (order == 'before_model')

@@ -2,12 +2,15 @@
 
 ``python main.py --help`` prints all of them. Differences from the published ``config.py``:
 
-* ``--head`` accepts ``adaface``, ``arcface`` and ``cosface`` (the published choices held only adaface);
+* ``--head`` checks its value against ``adaface``, ``arcface``, ``cosface`` (the published flag had
+  no ``choices``; its ``build_head`` took the same three and failed later on anything else);
 * ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
   ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
   ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
+* ``--seed_order published`` seeds after building the model, as the published ``main.py`` does
+  (the initial weights then come from torch's per-process random seed, not from ``--seed``);
 * ``--partial_fc``, ``--sample_rate``, ``--partial_fc_stats`` and ``--gradient_clip_val`` (the sharded
   head of ``head_sharded.py``) are new.
 """
@@ -79,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training precision (default 32, or 16-mixed with --use_16bit)")
     run.add_argument("--epochs", default=24, type=int)
     run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed_order", default="before_model", choices=("before_model", "published"),
+                     help="when --seed is applied: before building the model (initial weights "
+                          "follow --seed) or, as the published main.py, after it (initial weights "
+                          "are then random per process, not reproducible)")
     run.add_argument("--batch_size", default=256, type=int,
                      help="total batch size over all GPUs of all nodes")
     run.add_argument("--accumulate_grad_batches", type=int, default=1)
