@@ -32,6 +32,22 @@ logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("adaface", "arcface", "cosface")
 
+#: Which of the head's device-specific code paths run: ``None`` follows each tensor's device (the
+#: CUDA path on CUDA tensors); ``"cuda"`` forces the CUDA path (asynchronous label check,
+#: unconditional clamp) and ``"cpu"`` the CPU path (synchronous check with a ValueError, clamp
+#: only when a cosine is out of range) on any tensor. Both give the same numbers; the switch lets
+#: the tests run the CUDA path on a machine without a GPU.
+DEVICE_BRANCH: Optional[str] = None
+
+
+def _cuda_branch(tensor: torch.Tensor) -> bool:
+    """Whether the CUDA code path runs for ``tensor`` (see :data:`DEVICE_BRANCH`)."""
+    if DEVICE_BRANCH is None:
+        return tensor.is_cuda
+    if DEVICE_BRANCH not in ("cuda", "cpu"):
+        raise ValueError(f"head.DEVICE_BRANCH must be None, 'cuda' or 'cpu', got {DEVICE_BRANCH!r}")
+    return DEVICE_BRANCH == "cuda"
+
 
 def l2_norm(input: torch.Tensor, axis: int = 1) -> torch.Tensor:
     """Divide ``input`` by its L2 norm along ``axis`` (published helper, kept for compatibility)."""
@@ -54,7 +70,7 @@ def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.reshape(-1, 1).long()
-    if batch_size and labels.is_cuda:
+    if batch_size and _cuda_branch(labels):
         # no host synchronisation per training step on the GPU: the check fails asynchronously
         torch._assert_async(((labels >= 0) & (labels < classnum)).all(),
                             f"labels must lie in [0, {classnum}) (the head's classnum)")
@@ -107,7 +123,7 @@ def margin_logits_forward(embeddings: torch.Tensor, kernel: torch.Tensor, labels
     logits = torch.mm(embeddings, kernel)
     logits.mul_(inv_norm * s)                                  # s * cos, one pass
     raw_target = logits.gather(1, labels).div_(s)
-    if logits.is_cuda:  # a clamp pass is cheap there; reading min/max back would synchronise
+    if _cuda_branch(logits):  # a clamp pass is cheap there; reading min/max back would synchronise
         clamped = True
     else:  # rare on the CPU: skip the clamp (and the backward mask) when nothing is outside
         low, high = torch.aminmax(logits)

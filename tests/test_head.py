@@ -228,3 +228,49 @@ def test_angle_clip_at_both_ends_matches_reference():
     arc = ArcFace(embedding_size=E, classnum=C, m=0.5)
     emb = _near_centres(arc, labels, -1.0, 0.05, 1)
     _compare_head(arc, arcface_dense, [(emb, torch.ones(16, 1), labels)])
+
+
+def _run_head(head_type, embeddings, norms, labels, upstream):
+    torch.manual_seed(3)
+    head = build_head(head_type, E, C, m=0.4, t_alpha=0.5, h=0.333, s=64.)
+    emb = embeddings.clone().requires_grad_(True)
+    logits = head(emb, norms, labels)
+    (F.cross_entropy(logits, labels) + (logits * upstream).sum() * 1e-3).backward()
+    return logits.detach(), emb.grad, head.kernel.grad
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_cuda_branch_forced_on_cpu_gives_the_cpu_numbers(head_type, monkeypatch):
+    """head.DEVICE_BRANCH runs the CUDA code path (unconditional clamp, asynchronous label check)
+    on CPU tensors: same logits and gradients as the CPU path, with and without cosines at +-1,
+    and both equal the float64 dense reference."""
+    import head as head_module
+    torch.manual_seed(3)  # the kernel _run_head builds, so the boundary batch sits at +-1
+    probe = build_head(head_type, E, C, m=0.4, t_alpha=0.5, h=0.333, s=64.)
+    batches = [_batch(8, seed=21), _boundary_batch(probe)]
+    for embeddings, norms, labels in batches:
+        upstream = torch.randn(embeddings.shape[0], C)
+        results = {}
+        for branch in ("cpu", "cuda"):
+            monkeypatch.setattr(head_module, "DEVICE_BRANCH", branch)
+            results[branch] = _run_head(head_type, embeddings, norms, labels, upstream)
+            dense = {"adaface": adaface_dense, "arcface": arcface_dense,
+                     "cosface": cosface_dense}[head_type]
+            torch.manual_seed(3)
+            fresh = build_head(head_type, E, C, m=0.4, t_alpha=0.5, h=0.333, s=64.)
+            _compare_head(fresh, dense, [(embeddings, norms, labels)])
+        for ours, theirs in zip(results["cpu"], results["cuda"]):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_branch_label_check_fails_asynchronously_on_cpu(monkeypatch):
+    import head as head_module
+    head = CosFace(embedding_size=E, classnum=4)
+    emb = _unit(torch.randn(2, E))
+    monkeypatch.setattr(head_module, "DEVICE_BRANCH", "cuda")
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 4\)"):
+        head(emb, None, torch.tensor([0, 4]))
+    head(emb, None, torch.tensor([0, 3]))  # in range: no error
+    monkeypatch.setattr(head_module, "DEVICE_BRANCH", "gpu")
+    with pytest.raises(ValueError, match="DEVICE_BRANCH"):
+        head(emb, None, torch.tensor([0, 3]))
