@@ -145,3 +145,30 @@ def test_compat_is_checked():
         fa.detect_faces(np.zeros((40, 40, 3), np.uint8), compat="pub")
     with pytest.raises(ValueError, match="compat must be"):
         align_face(np.zeros((40, 40, 3), np.uint8), LANDMARK_SETS[0], compat="matlab")
+
+
+def test_align_cli_and_inference_pass_compat(reference, photos, tmp_path, capsys):
+    """``python -m face_alignment.align SRC DST --compat published`` and
+    ``inference.align_images(..., compat='published')`` give the published crop; without the flag
+    the default one."""
+    import inference
+    from utils.image import encode_png, load_image_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "astronaut.png").write_bytes(encode_png(photos["astronaut"]))
+    want = reference["pub/astronaut/crops"][0].astype(np.int64)
+    for compat, close in (("published", True), ("default", False)):
+        dst = tmp_path / f"out_{compat}"
+        flags = ["--compat", compat] if compat == "published" else []
+        assert fa.main([str(src), str(dst), *flags]) == 0
+        written = load_image_file(dst / "astronaut.png").astype(np.int64)
+        assert (np.abs(written - want).max() <= 1) == close, compat
+        result = inference.align_images([src / "astronaut.png"], compat=compat, progress=False)
+        crop = np.asarray(result.faces[0].aligned).astype(np.int64)
+        assert (np.abs(crop - want).max() <= 1) == close, compat
+    assert inference._parse_args(["--compat", "published"]).compat == "published"
+    assert inference._parse_args([]).compat == "default"
+    with pytest.raises(SystemExit):
+        fa.main([str(src), str(tmp_path / "x"), "--compat", "matlab"])
+    assert "--compat" in capsys.readouterr().err
