@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from face_alignment.align import load_photo  # noqa: E402
 from face_alignment.mtcnn import MTCNN  # noqa: E402
 from face_alignment.sample_images import closeup_photos, group_photos, portrait_arrays  # noqa: E402
-from face_alignment.similarity import REFERENCE_POINTS_112, align_face  # noqa: E402
+from face_alignment.similarity import align_face  # noqa: E402
 from utils.image import list_images  # noqa: E402
 
 
@@ -69,7 +69,6 @@ def main() -> None:
         diff.add_row([name, marks, f"{mad:.1f}", f"{_scale(m_p) / _scale(m_d):.3f}"])
     print("portraits: the two modes (crops from the same landmarks, the default detector's)")
     print(diff)
-    print("reference points:", REFERENCE_POINTS_112.shape[0])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ Pipeline (as in the mtcnn-pytorch implementation that AdaFace's ``face_alignment
 4. O-Net on 48x48 crops, probability > 0.9, landmarks from the (unregressed) box, box regression,
    NMS 0.7 measured by intersection over the smaller area ('min').
 
+After the R-Net and the O-Net crops are cut, the boxes are clipped to the image (the published
+code does so through array views, see :func:`clip_boxes`); NMS breaks score ties as the published
+``argsort`` does. ``compat="published"`` changes only P-Net's softmax axis (see
+:data:`COMPAT_MODES`).
+
 Boxes are ``(x1, y1, x2, y2)`` with inclusive corners (width ``x2 - x1 + 1``) as in the reference.
 The detections come out sorted by O-Net confidence, highest first.
 """
