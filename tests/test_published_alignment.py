@@ -140,7 +140,11 @@ def test_get_aligned_face_published_reads_like_published(reference, tmp_path):
                   - reference["pub/grace_hopper/crops"][0]).mean() > 3.0
 
 
-def test_compat_is_checked():
+def test_compat_is_checked(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        fa.get_aligned_face(bad, compat="published")
     with pytest.raises(ValueError, match="compat must be one of"):
         fa.detect_faces(np.zeros((40, 40, 3), np.uint8), compat="pub")
     with pytest.raises(ValueError, match="compat must be"):
