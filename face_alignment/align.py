@@ -6,7 +6,8 @@
 * :func:`detect_faces` — every face of an image (box, score, landmarks, aligned crop).
 * :func:`align_folder` — align every image of a folder tree into another tree, with a progress bar
   and a summary of faces found and missed. Also a CLI:
-  ``python -m face_alignment.align SRC_DIR DST_DIR [--mtcnn_weights DIR] [--device cuda]``.
+  ``python -m face_alignment.align SRC_DIR DST_DIR [--mtcnn_weights DIR] [--device cuda]
+  [--compat published]``.
 
 Every function takes ``compat``: ``"default"`` (P-Net's softmax over its channels, forward
 least-squares similarity; the crop InsightFace made for MS1MV2) or ``"published"`` (the published
