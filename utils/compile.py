@@ -82,7 +82,9 @@ class CompiledCall:
         return output
 
     def _fall_back(self, error: BaseException) -> None:
-        reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+        inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed wraps the cause
+        cause = inner if isinstance(inner, BaseException) else error
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
         logger.warning("torch.compile of the %s failed (%s); training continues eagerly (without "
                        "--compile)", self.name, reason)
         self.active = False
