@@ -148,9 +148,10 @@ def main() -> None:
                                     + ", ".join(f"{c.name} {c.seconds:.1f} s" for c in compiled) + ")")
                     print(compile_note, flush=True)
             times: Dict[str, List[float]] = {name: [] for name in steps}
-            for _ in range(opts.rounds):
-                for name, step in steps.items():
-                    times[name].append(step())
+            names = list(steps)
+            for r in range(opts.rounds):  # the order rotates, so no variant always runs first
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    times[name].append(steps[name]())
             print(f"load average after: {load_average()}")
             print(f"{'variant':<16} {'median s/step':>13} {'images/s':>9} {'x reference (median [min, max])':>34}")
             for name, values in times.items():
