@@ -54,7 +54,12 @@ def _contiguous_dropout_inputs(model: torch.nn.Module) -> None:
     training results, independent of ``--channels_last`` (one small copy: the B x 512 x 7 x 7 map)."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-            module.register_forward_pre_hook(lambda _, inputs: (inputs[0].contiguous(),) + inputs[1:])
+            module.register_forward_pre_hook(_nchw_input)
+
+
+def _nchw_input(_module: torch.nn.Module, inputs: tuple) -> tuple:
+    """Forward pre-hook (a module-level function, so the model still pickles)."""
+    return (inputs[0].contiguous(),) + inputs[1:]
 
 
 class Trainer(pl.LightningModule):
