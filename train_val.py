@@ -22,6 +22,7 @@ import head as heads
 import head_sharded
 import net
 from utils.checkpoint import load_backbone_weights, read_checkpoint
+from utils.compile import CompiledCall
 from utils.errors import UserError
 from utils.evaluate_utils import evaluate_pair_set
 from utils.features import embed_batch
@@ -47,6 +48,20 @@ def split_parameters(module: torch.nn.Module):
     return decay, no_decay
 
 
+def _contiguous_dropout_inputs(model: torch.nn.Module) -> None:
+    """Dropout fills its mask in memory order: on a channels_last feature map the same random
+    numbers would land on other elements than in NCHW. Feeding it NCHW keeps the masks, and so the
+    training results, independent of ``--channels_last`` (one small copy: the B x 512 x 7 x 7 map)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.register_forward_pre_hook(_nchw_input)
+
+
+def _nchw_input(_module: torch.nn.Module, inputs: tuple) -> tuple:
+    """Forward pre-hook (a module-level function, so the model still pickles)."""
+    return (inputs[0].contiguous(),) + inputs[1:]
+
+
 class Trainer(pl.LightningModule):
     """AdaFace training module (the published name). Hyper-parameters are the ``main.py`` flags
     plus ``class_num`` (the number of training identities) and ``val_set_names``."""
@@ -61,6 +76,7 @@ class Trainer(pl.LightningModule):
         self.memory_format = torch.channels_last if hp.get("channels_last") else torch.contiguous_format
         if hp.get("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
+            _contiguous_dropout_inputs(self.model)
         self.partial_fc = bool(hp.get("partial_fc"))
         if self.partial_fc:
             self._defer_sharded_head()
@@ -68,6 +84,9 @@ class Trainer(pl.LightningModule):
             self.head = heads.build_head(head_type=hp.head, embedding_size=512, class_num=self.class_num,
                                          m=hp.m, h=hp.h, t_alpha=hp.t_alpha, s=hp.s)
         self.cross_entropy_loss = CrossEntropyLoss()
+        self._setup_compile()
+        self._first_bad_step: Optional[torch.Tensor] = None  # asynchronous non-finite check (CUDA)
+        self._steps_since_check = 0
         self._outputs: List[Dict[str, torch.Tensor]] = []
         self.last_results: Dict[str, float] = {}
         self.last_embeddings: Optional[Dict[str, np.ndarray]] = None
@@ -79,9 +98,33 @@ class Trainer(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        embeddings, norms = self.model(images.contiguous(memory_format=self.memory_format))
-        logits = self.head(embeddings, norms, labels)
+        embeddings, norms = self._train_model(images.contiguous(memory_format=self.memory_format))
+        logits = self._train_head(embeddings, norms, labels)
         return logits, norms, embeddings, labels
+
+    def _setup_compile(self) -> None:
+        """``--compile``: the training forward of the backbone and head go through
+        :class:`utils.compile.CompiledCall` (plain attributes, so no ``_orig_mod.`` keys in the
+        state_dict); validation and test run the modules eagerly (no second compilation)."""
+        train_model, train_head = self.model, self.head
+        self._compile_logged = not self.hparams.get("compile")
+        if self.hparams.get("compile"):
+            mode = self.hparams.get("compile_mode") or "default"
+            train_model = CompiledCall(self.model, "backbone", mode)
+            if self.head is not None:  # the sharded head (--partial_fc) runs eagerly
+                train_head = CompiledCall(self.head, "head", mode)
+        # plain attributes, not sub-modules: the state_dict keeps only model.* and head.*
+        object.__setattr__(self, "_train_model", train_model)
+        object.__setattr__(self, "_train_head", train_head)
+
+    def _log_compile_time(self) -> None:
+        """One log line with the compilation time, after the first compiled training forward."""
+        self._compile_logged = True
+        parts = [f"{c.name} {c.seconds:.1f} s" for c in (self._train_model, self._train_head)
+                 if isinstance(c, CompiledCall) and c.active and c.seconds is not None]
+        if parts:
+            logger.info("torch.compile (mode=%s): compiled in the first training step: %s",
+                        self.hparams.get("compile_mode") or "default", ", ".join(parts))
 
     # ------------------------------------------------------- sharded head (Partial FC)
     def _defer_sharded_head(self) -> None:
@@ -107,7 +150,7 @@ class Trainer(pl.LightningModule):
                         self.head.stop, self.class_num, self.head.rank, self.head.world)
 
     def _partial_fc_loss(self, images: torch.Tensor, labels: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        embeddings, norms = self.model(images.contiguous(memory_format=self.memory_format))
+        embeddings, norms = self._train_model(images.contiguous(memory_format=self.memory_format))
         embeddings = head_sharded.scale_gradient(embeddings, self.head.world)  # DDP divides by W
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         step = self.global_step * accumulate + batch_idx % accumulate   # the sampling stream's step
@@ -156,21 +199,61 @@ class Trainer(pl.LightningModule):
         else:
             logits, norms, _, labels = self(images, labels)
             loss = self.cross_entropy_loss(logits, labels)
+        if not self._compile_logged:
+            self._log_compile_time()
         self._stop_on_non_finite(loss)
         self.log("lr", self.get_current_lr(), on_step=True, on_epoch=True, logger=True)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, logger=True, prog_bar=True)
+        # the progress bar reads its values back every step (a host synchronisation on a GPU); the
+        # loggers read them every log_every_n_steps steps
+        self.log("train_loss", loss, on_step=True, on_epoch=True, logger=True, prog_bar=not loss.is_cuda)
         return loss
 
     def _stop_on_non_finite(self, loss: torch.Tensor) -> None:
+        """Stop training on a NaN or infinite loss. On the CPU at once; on a GPU the first bad step
+        is recorded on the device and read back only every ``log_every_n_steps`` steps, at the end
+        of an epoch and before a checkpoint is written (no host synchronisation per step)."""
+        if loss.is_cuda:
+            self._record_non_finite(loss)
+            self._steps_since_check += 1
+            every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+            if self._steps_since_check >= max(1, every):
+                self.check_non_finite()
+            return
         bad = not bool(torch.isfinite(loss))
         if self._trainer is not None and self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)  # every rank stops
         if bad:
-            raise NonFiniteLossError(
-                f"training loss is not finite at epoch {self.current_epoch}, global step "
-                f"{self.global_step}; stopping. The last good checkpoint is kept in "
-                f"{self.hparams.get('output_dir') or 'the output folder'} (last.ckpt). Try a lower --lr "
-                f"or --precision 32 / bf16-mixed.")
+            self._raise_non_finite(self.global_step)
+
+    def _record_non_finite(self, loss: torch.Tensor) -> None:
+        if self._first_bad_step is None or self._first_bad_step.device != loss.device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        new_bad = (self._first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(new_bad, self.global_step, self._first_bad_step)
+
+    def check_non_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss recorded since the last check was not finite
+        (one host synchronisation; every process must call it at the same point)."""
+        self._steps_since_check = 0
+        if self._first_bad_step is None:
+            return
+        first = self._first_bad_step.clone()
+        if (self._trainer is not None and self.trainer.world_size > 1
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MAX)  # every rank stops
+        first = int(first)
+        if first >= 0:
+            self._raise_non_finite(first)
+
+    def on_train_epoch_end(self) -> None:
+        self.check_non_finite()
+
+    def _raise_non_finite(self, step: int) -> None:
+        raise NonFiniteLossError(
+            f"training loss is not finite at epoch {self.current_epoch}, global step "
+            f"{step}; stopping. The last good checkpoint is kept in "
+            f"{self.hparams.get('output_dir') or 'the output folder'} (last.ckpt). Try a lower --lr "
+            f"or --precision 32 / bf16-mixed.")
 
     def configure_optimizers(self):
         decay, no_decay = split_parameters(self.model)
@@ -183,7 +266,9 @@ class Trainer(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Add ``rng_states``: one entry per process, in rank order; with ``--partial_fc`` gather the
-        head's shards into the published layout (every process calls this)."""
+        head's shards into the published layout (every process calls this). A non-finite loss
+        recorded since the last check stops training here, before its state is written."""
+        self.check_non_finite()
         if self.partial_fc:
             head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
         states = capture_rng_states()

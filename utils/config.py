@@ -7,7 +7,7 @@
 * ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
-  ``--num_nodes``, ``--cpu_processes``, ``--channels_last``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
+  ``--num_nodes``, ``--cpu_processes``, ``--channels_last`` (on by default), ``--compile``, ``--compile_mode``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
   ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
 * ``--seed_order published`` seeds after building the model, as the published ``main.py`` does
   (the initial weights then come from torch's per-process random seed, not from ``--seed``);
@@ -22,6 +22,7 @@ from time import gmtime, strftime
 from typing import List, Optional, Sequence
 
 from head import HEAD_TYPES
+from utils.compile import COMPILE_MODES
 from utils.errors import UserError
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
@@ -89,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", default=256, type=int,
                      help="total batch size over all GPUs of all nodes")
     run.add_argument("--accumulate_grad_batches", type=int, default=1)
-    run.add_argument("--channels_last", action="store_true",
-                     help="run the backbone in channels_last memory format (faster on CPUs and tensor cores)")
+    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                     help="run the backbone in channels_last memory format (default; measured faster "
+                          "on the CPU, bench/README.md); --no-channels_last: contiguous NCHW")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training forward of the backbone and head (one-time "
+                          "compilation on the first step; falls back to eager with a warning on failure)")
+    run.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                     help="torch.compile mode with --compile")
     run.add_argument("--fast_dev_run", action="store_true")
     run.add_argument("--test_run", action="store_true", help="50 training batches per epoch")
     run.add_argument("--evaluate", action="store_true",
