@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from typing import Optional, Tuple
 
 import torch
@@ -380,10 +382,68 @@ def gather_columns(shard: torch.Tensor, classnum: int, group=None, dst: int = 0)
     return full
 
 
+def gather_columns_to_file(shard: torch.Tensor, classnum: int, group=None, dst: int = 0,
+                           directory: Optional[str] = None) -> Optional[torch.Tensor]:
+    """Like :func:`gather_columns`, but rank ``dst`` writes the full E x C tensor into a raw file
+    (row-major, in ``directory``, default the temporary folder) as the shards arrive and returns a
+    :func:`utils.checkpoint_io.deferred_tensor` placeholder for it: resident memory on ``dst`` is
+    one shard at a time, never the full tensor. ``SafeCheckpointIO`` writes the file's bytes into
+    the checkpoint in the placeholder's place."""
+    from utils.checkpoint_io import deferred_tensor   # Lightning's IO: imported only when saving
+
+    world, rank = _world_rank(group)
+    shard = shard.detach().contiguous()
+    if world > 1 and rank != dst:
+        dist.send(shard, group=group, group_dst=dst)
+        return None
+    rows, item = shard.shape[0], shard.element_size()
+    fd, raw_path = tempfile.mkstemp(dir=directory, prefix="head_columns.", suffix=".raw")
+    try:
+        os.ftruncate(fd, rows * classnum * item)
+        for other in range(world):
+            start, stop = shard_bounds(classnum, world, other)
+            if other == rank:
+                part = shard.cpu()
+            else:
+                part = torch.empty(rows, stop - start, dtype=shard.dtype, device=shard.device)
+                dist.recv(part, group=group, group_src=other)
+                part = part.cpu()
+            data = part.numpy() if part.dtype != torch.bfloat16 else part.view(torch.int16).numpy()
+            for row in range(rows):         # the shard's columns of each row: one contiguous run
+                os.pwrite(fd, data[row], (row * classnum + start) * item)
+            del part, data
+    except BaseException:
+        os.close(fd)
+        os.unlink(raw_path)
+        raise
+    os.close(fd)
+    return deferred_tensor((rows, classnum), raw_path, dtype=shard.dtype)
+
+
 def shard_columns(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s columns (a contiguous copy) of a full E x C tensor, for a group of ``world``."""
+    """Rank ``rank``'s columns (a new contiguous copy, also at W = 1: ``full`` may map a file) of a
+    full E x C tensor, for a group of ``world``."""
     start, stop = shard_bounds(full.shape[1], world, rank)
-    return full[:, start:stop].contiguous()
+    return full[:, start:stop].clone(memory_format=torch.contiguous_format)
+
+
+def own_checkpoint_tensors(obj, skip_shape: Optional[Tuple[int, ...]] = None):
+    """Replace, in place in the dicts and lists of ``obj``, every tensor by a copy (a checkpoint
+    read with ``mmap`` maps the file, which a later save may overwrite), except tensors shaped
+    ``skip_shape`` (the full head tensors, which :func:`shard_head_checkpoint` slices). Returns ``obj``."""
+    def own(value):
+        if torch.is_tensor(value):
+            return value if skip_shape is not None and tuple(value.shape) == tuple(skip_shape) else value.clone()
+        own_checkpoint_tensors(value, skip_shape)
+        return value
+
+    if isinstance(obj, dict):
+        for key in list(obj):
+            obj[key] = own(obj[key])
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            obj[i] = own(value)
+    return obj
 
 
 class ShardedCheckpointError(UserError, ValueError):
@@ -423,14 +483,22 @@ def _map_kernel_state(checkpoint: dict, kernel_key: str, index: Optional[int], s
 
 
 def gather_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
-                           prefix: str = "head.", dst: int = 0) -> None:
+                           prefix: str = "head.", dst: int = 0, to_disk: bool = False,
+                           directory: Optional[str] = None) -> None:
     """Turn a Lightning-style checkpoint dict holding this rank's shard (``state_dict[prefix +
     'kernel']`` and the kernel's optimizer state at ``index``) into the published layout: the full
     E x C tensors on rank ``dst`` (tensors one at a time; the shards stay on the other ranks).
-    Every rank of the head's group must call it, in the same order."""
+    With ``to_disk`` they are gathered into files (:func:`gather_columns_to_file`, for
+    ``SafeCheckpointIO`` to write) instead of memory. Every rank of the head's group must call it,
+    in the same order."""
     group = head.group if head.world > 1 else None
-    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape),
-                      lambda shard: gather_columns(shard, head.classnum, group, dst))
+    if to_disk:
+        def gather(shard):
+            return gather_columns_to_file(shard, head.classnum, group, dst, directory)
+    else:
+        def gather(shard):
+            return gather_columns(shard, head.classnum, group, dst)
+    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape), gather)
 
 
 def shard_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],

@@ -185,7 +185,14 @@ class Trainer(pl.LightningModule):
         """Add ``rng_states``: one entry per process, in rank order; with ``--partial_fc`` gather the
         head's shards into the published layout (every process calls this)."""
         if self.partial_fc:
-            head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
+            from utils.checkpoint_io import SafeCheckpointIO
+            to_disk = (self._trainer is not None
+                       and isinstance(self.trainer.strategy.checkpoint_io, SafeCheckpointIO))
+            # to_disk: rank 0 gathers into files that SafeCheckpointIO writes into the checkpoint
+            # (one shard in memory at a time); otherwise into memory (two full E x C tensors)
+            head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index(),
+                                                to_disk=to_disk,
+                                                directory=self.hparams.get("output_dir") or None)
         states = capture_rng_states()
         if (self._trainer is not None and self.trainer.world_size > 1
                 and torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -201,6 +208,9 @@ class Trainer(pl.LightningModule):
         the full kernel and optimizer state (for any number of processes)."""
         if self.partial_fc:
             self.configure_model()
+            # SafeCheckpointIO maps the file under --partial_fc: copy what is kept (this rank's
+            # columns of the full head tensors, everything else whole), so the file is read once
+            head_sharded.own_checkpoint_tensors(checkpoint, skip_shape=(512, self.class_num))
             head_sharded.shard_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:

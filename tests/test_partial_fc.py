@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from head import HEAD_TYPES, ArcFace, build_head
-from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
+from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint, own_checkpoint_tensors,
                           global_grad_norm, kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
                           shard_head_checkpoint)
 from utils.checkpoint import read_checkpoint
+from utils.checkpoint_io import SafeCheckpointIO
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
 HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
@@ -281,6 +282,9 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         _resume_step(head, layer, opt, groups[4], 4, rank, step)
     checkpoint = _checkpoint(head, layer, opt)
     gather_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    on_disk = _checkpoint(head, layer, opt)       # gathered into files, written by SafeCheckpointIO
+    gather_head_checkpoint(on_disk, head, kernel_state_index(opt, head.kernel), to_disk=True,
+                           directory=os.path.dirname(path))
     out = {}
     if rank == 0:
         kernel = checkpoint["state_dict"]["head.kernel"]
@@ -288,6 +292,16 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         out["published_layout"] = tuple(kernel.shape) == (E, C) and tuple(
             momentum["momentum_buffer"].shape) == (E, C)
         torch.save(checkpoint, path)
+        SafeCheckpointIO().save_checkpoint(on_disk, path + ".disk")
+        written = read_checkpoint(path + ".disk", mmap=True)
+        index = kernel_state_index(opt, head.kernel)
+        out["disk_save_equal"] = (
+            torch.equal(written["state_dict"]["head.kernel"], kernel)
+            and torch.equal(written["optimizer_states"][0]["state"][index]["momentum_buffer"],
+                            momentum["momentum_buffer"])
+            and torch.equal(written["state_dict"]["model.weight"], layer.weight))
+        del on_disk, written
+        out["raw_files_removed"] = not list(Path(path).parent.glob("head_columns.*.raw"))
     _resume_step(head, layer, opt, groups[4], 4, rank, 3)
     expected = _resume_step(head, layer, opt, groups[4], 4, rank, 4, train=False)
     dist.barrier()
@@ -295,7 +309,9 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         if rank < world:
             for momentum in ((True, False) if world == 2 else (True,)):
                 head, layer, opt = _fresh(groups[world], SEED + 5)  # another initial kernel
-                _restore(torch.load(path, weights_only=True), head, layer, opt, momentum)
+                # the file SafeCheckpointIO wrote, mapped: each rank copies its columns only
+                mapped = own_checkpoint_tensors(read_checkpoint(path + ".disk", mmap=True), (E, C))
+                _restore(mapped, head, layer, opt, momentum)
                 _resume_step(head, layer, opt, groups[world], world, rank, 3)
                 got = _resume_step(head, layer, opt, groups[world], world, rank, 4, train=False)
                 if momentum:
@@ -351,7 +367,8 @@ CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + 
 
 def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
     _assert_results(gloo_results[4], "resume")
-    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout"} <= set(gloo_results[4][0]["resume"])
+    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout", "disk_save_equal",
+            "raw_files_removed"} <= set(gloo_results[4][0]["resume"])
 
 
 @pytest.mark.parametrize("name", CHECKS)
