@@ -11,8 +11,8 @@ Each of the W ranks holds the kernel columns of its own classes, ``[start, stop)
 3. returns the cross-entropy of the whole global batch (mean over its B samples, identical on
    every rank) from a distributed, stable float32 log-softmax: row maxima (all-reduce MAX), then
    sums of ``exp(logit - max)`` and the target logits (one all-reduce SUM). No probability floor,
-   no host synchronisation; the backward recomputes the probabilities from the logits into the one
-   B x C_local gradient buffer that :func:`~head.margin_logits_backward` then works in place.
+   no host synchronisation; the backward recomputes the probabilities from the logits block by
+   block and overwrites the logits with the gradient (one B x C_local buffer in all).
 
 With ``sample_rate < 1`` (negative sampling) a rank keeps every class of its shard that is a
 label of the global batch and fills up to ``max(ceil(rate * C_local), B)`` columns (at most
@@ -39,8 +39,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels,
-                  margin_logits_backward, margin_logits_forward)
+from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels, margin_grad_rows_,
+                  margin_input_grads, margin_logits_forward)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -146,13 +146,32 @@ class _ShardedMarginLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        """The logits buffer becomes ``G`` row block by row block (a block's softmax gradient is
+        computed into a small temporary, turned into ``G`` by :func:`head.margin_grad_rows_`, its
+        ``sum_b G * logits`` accumulated, then copied over the block's logits): no second
+        B x C_local buffer."""
         state = ctx.state
         logits = state.logits
-        grad = torch.sub(logits, ctx.row_max[:, None]).exp_().div_(ctx.sum_exp[:, None])  # softmax
-        grad.scatter_add_(1, state.labels, -ctx.has_target.to(grad.dtype))
-        grad.mul_(grad_loss / logits.shape[0])
-        grad_embeddings, grad_kernel = margin_logits_backward(
-            grad, state, ctx.needs_input_grad[0], ctx.needs_input_grad[1], inplace=True)
+        batch, width = logits.shape
+        scale = state.inv_norm * state.s
+        target_logits = logits.gather(1, state.labels)
+        col = torch.zeros_like(state.inv_norm)
+        factor = grad_loss / batch
+        not_target = -ctx.has_target.to(logits.dtype)
+        targets = []
+        rows = max(1, _CHUNK_ELEMENTS // max(1, width))
+        for start in range(0, batch, rows):
+            block = slice(start, start + rows)
+            grad = torch.sub(logits[block], ctx.row_max[block, None]).exp_().div_(ctx.sum_exp[block, None])
+            grad.scatter_add_(1, state.labels[block], not_target[block])   # softmax - one-hot
+            grad.mul_(factor)
+            targets.append(margin_grad_rows_(grad, state, block, scale))
+            col += (grad * logits[block]).sum(0)
+            logits[block] = grad
+            del grad
+        grad_embeddings, grad_kernel = margin_input_grads(
+            logits, state, torch.cat(targets), col, target_logits,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.state = None
         return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None
 

@@ -47,6 +47,41 @@ def split_parameters(module: torch.nn.Module):
     return decay, no_decay
 
 
+class SGD(optim.SGD):
+    """``torch.optim.SGD`` that adds the weight decay into the gradient in place.
+
+    torch's step computes ``grad + weight_decay * param`` into a new tensor per parameter (one
+    E x C temporary for the head's kernel; the foreach path one for every parameter of a group at
+    once); this one writes it into ``param.grad`` (same operation, same values: the updates are
+    exactly torch's) and runs torch's step with the decay set to 0. ``param.grad`` then holds the
+    decayed gradient after the step. Groups with ``maximize``, ``differentiable``, a tensor weight
+    decay or sparse gradients fall back to torch's own step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        folded = []
+        for group in self.param_groups:
+            decay = group["weight_decay"]
+            if (decay == 0 or torch.is_tensor(decay) or group.get("maximize") or group.get("differentiable")
+                    or any(p.grad is not None and p.grad.is_sparse for p in group["params"])):
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=decay)
+            folded.append((group, decay))
+            group["weight_decay"] = 0
+        try:
+            super().step()
+        finally:
+            for group, decay in folded:
+                group["weight_decay"] = decay
+        return loss
+
+
 class Trainer(pl.LightningModule):
     """AdaFace training module (the published name). Hyper-parameters are the ``main.py`` flags
     plus ``class_num`` (the number of training identities) and ``val_set_names``."""
@@ -174,8 +209,8 @@ class Trainer(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = split_parameters(self.model)
-        optimizer = optim.SGD([{"params": decay + [self.head.kernel], "weight_decay": self.hparams.weight_decay},
-                               {"params": no_decay}], lr=self.hparams.lr, momentum=self.hparams.momentum)
+        optimizer = SGD([{"params": decay + [self.head.kernel], "weight_decay": self.hparams.weight_decay},
+                         {"params": no_decay}], lr=self.hparams.lr, momentum=self.hparams.momentum)
         scheduler = lr_scheduler.MultiStepLR(optimizer, milestones=list(self.hparams.lr_milestones),
                                              gamma=self.hparams.lr_gamma)
         return [optimizer], [scheduler]
