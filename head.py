@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import Parameter
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("adaface", "arcface", "cosface")
@@ -46,13 +48,18 @@ def init_kernel(embedding_size: int, classnum: int) -> torch.Tensor:
     return kernel
 
 
+class LabelError(UserError, ValueError):
+    """Training labels that are not class indices of the head (wrong shape, type or range)."""
+
+
 def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.Tensor:
-    """Return ``labels`` as an int64 column; raise ``ValueError`` on a wrong shape or range."""
+    """Return ``labels`` as an int64 column; raise :class:`LabelError` (a ``ValueError``) on a wrong
+    shape, type or range."""
     if labels.dim() not in (1, 2) or labels.numel() != batch_size:
-        raise ValueError(f"labels must hold one class index per embedding: got shape "
+        raise LabelError(f"labels must hold one class index per embedding: got shape "
                          f"{tuple(labels.shape)} for {batch_size} embeddings")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        raise LabelError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.reshape(-1, 1).long()
     if batch_size and labels.is_cuda:
         # no host synchronisation per training step on the GPU: the check fails asynchronously
@@ -61,7 +68,7 @@ def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.
     elif batch_size:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= classnum:
-            raise ValueError(f"labels must lie in [0, {classnum}) (the head's classnum), got values "
+            raise LabelError(f"labels must lie in [0, {classnum}) (the head's classnum), got values "
                              f"from {low} to {high}; is --custom_num_class or the data set right?")
     return labels
 

@@ -39,8 +39,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels, margin_grad_rows_,
-                  margin_input_grads, margin_logits_forward)
+from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels,
+                  margin_grad_rows_, margin_input_grads, margin_logits_forward)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -306,9 +306,9 @@ class ShardedMarginHead(MarginHead):
                              f"got {tuple(embbedings.shape)}")
         local_batch = embbedings.shape[0]
         if label.dtype.is_floating_point or label.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class indices, got dtype {label.dtype}")
+            raise LabelError(f"labels must be integer class indices, got dtype {label.dtype}")
         if label.numel() != local_batch:
-            raise ValueError(f"labels must hold one class index per embedding: got shape "
+            raise LabelError(f"labels must hold one class index per embedding: got shape "
                              f"{tuple(label.shape)} for {local_batch} embeddings")
         with torch.autocast(device_type=embbedings.device.type, enabled=False):
             embeddings = self._gather(embbedings.float(), grad=True)

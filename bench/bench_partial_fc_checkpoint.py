@@ -146,6 +146,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=int, default=500_000)
     p.add_argument("--world", type=int, default=4)
+    p.add_argument("--modes", nargs="+", default=["memory", "disk"], choices=["memory", "disk"])
     p.add_argument("--folder", default=None, help="where the checkpoints are written (default: a temporary folder)")
     args = p.parse_args()
     full = E * args.classes * 4 / GIB
@@ -154,7 +155,7 @@ def main() -> None:
     print("| phase | mode | peak RSS growth GiB (full tensors) | peak anonymous growth GiB (full tensors) "
           "| seconds |\n|---|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
-        for mode in ("memory", "disk"):
+        for mode in args.modes:
             path = os.path.join(folder, f"{mode}.ckpt")
             for phase in ("save", "load"):
                 r = measure(phase, mode, args.classes, args.world, path)

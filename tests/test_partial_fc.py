@@ -449,39 +449,180 @@ def test_a_checkpoint_of_another_class_count_is_a_clear_error():
         shard_head_checkpoint(checkpoint, head, None)
 
 
-def test_main_partial_fc_on_two_gloo_processes(tmp_path):
-    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 3 steps, sampling, clipping):
-    each rank holds half of the 6 classes, the backbone stays identical on both ranks, and last.ckpt
-    holds the full kernel and its momentum for every class (published layout)."""
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Demo-format data: 6 identities x 5 images, 10 pairs per validation set."""
+    from utils.demo_data import generate_demo_data
+
+    data = tmp_path_factory.mktemp("pfc_data") / "data"
+    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
+                       show_progress=False)
+    return data
+
+
+def _run_main(data: Path, out: Path, *extra: str, processes: int = 2):
+    """``main.py`` on ``tiny_data`` (ir_tiny, global batch 8, 1 epoch unless ``extra`` says otherwise)."""
     import subprocess
     import sys
 
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(data), "--train_data_path", ".",
+           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
+           "--num_workers", "0", "--output_dir", str(out), "--seed", "7",
+           "--cpu_processes", str(processes), *extra]
+    if "--epochs" not in extra:
+        cmd += ["--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _kernel_index() -> int:
     import net
     from train_val import split_parameters
-    from utils.demo_data import generate_demo_data
 
-    repo = Path(__file__).resolve().parent.parent
-    data, out = tmp_path / "data", tmp_path / "run"
-    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
-                       show_progress=False)
-    cmd = [sys.executable, str(repo / "main.py"), "--data_root", str(data), "--train_data_path", ".",
-           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
-           "--num_workers", "0", "--output_dir", str(out), "--epochs", "1", "--seed", "7",
-           "--cpu_processes", "2", "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5"]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    return len(split_parameters(net.build_model("ir_tiny"))[0])
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_data, tmp_path_factory):
+    """``--partial_fc`` on 2 gloo processes under bf16-mixed autocast, with sampling and clipping."""
+    out = tmp_path_factory.mktemp("pfc_bf16") / "run"
+    rc, log = _run_main(tiny_data, out, "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5",
+                        "--precision", "bf16-mixed")
+    assert rc == 0, log[-3000:]
+    return out, log
+
+
+def test_main_partial_fc_on_two_gloo_processes(bf16_run):
+    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 4 steps, sampling, clipping,
+    bf16-mixed): each rank holds half of the 6 classes, the backbone stays identical on both ranks,
+    and last.ckpt (written by SafeCheckpointIO from the gathered files) holds the full float32
+    kernel and its momentum for every class (published layout)."""
+    out, log = bf16_run
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
     assert log.count("replicated weights identical on all 2 ranks") == 2
     steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
     assert len(steps) == 2 and steps[0] >= 3, steps
+    assert not list(out.glob("head_columns.*.raw"))           # the gathered files are gone
     ckpt = read_checkpoint(out / "last.ckpt")  # the project's safe loader
     assert ckpt["global_step"] >= 1
     kernel = ckpt["state_dict"]["head.kernel"]
-    index = len(split_parameters(net.build_model("ir_tiny"))[0])
-    momentum = ckpt["optimizer_states"][0]["state"][index]["momentum_buffer"]
-    assert kernel.shape == momentum.shape == (512, 6)
+    momentum = ckpt["optimizer_states"][0]["state"][_kernel_index()]["momentum_buffer"]
+    assert kernel.shape == momentum.shape == (512, 6) and kernel.dtype == torch.float32
+    assert torch.isfinite(kernel).all() and torch.isfinite(momentum).all()
     assert momentum[:, :3].abs().sum() > 0 and momentum[:, 3:].abs().sum() > 0   # both ranks' classes
     torch.testing.assert_close(kernel.norm(dim=0), torch.ones(6), atol=0.2, rtol=0)
+
+
+def test_main_gradient_accumulation_matches_the_replicated_head(tiny_data, tmp_path):
+    """``--accumulate_grad_batches 2`` on 2 gloo processes: the sharded head and the replicated one
+    (DDP) end with the same weights (2 epochs, 4 optimizer steps of 2 micro-batches). The correct
+    scaling: each micro-batch's loss is its global batch's mean, Lightning divides it by 2, so an
+    optimizer step applies the mean of the two micro-batches' gradients, as the replicated head does
+    (not one step on the combined batch: BatchNorm normalises each micro-batch by itself)."""
+    finals = {}
+    for name, extra in (("replicated", ()), ("sharded", ("--partial_fc",))):
+        rc, log = _run_main(tiny_data, tmp_path / name, "--head", "arcface", "--accumulate_grad_batches", "2",
+                            "--epochs", "2", *extra)
+        assert rc == 0, log[-3000:]
+        finals[name] = read_checkpoint(tmp_path / name / "last.ckpt")
+    ref, got = finals["replicated"], finals["sharded"]
+    assert got["global_step"] == ref["global_step"] >= 4
+    for key, value in ref["state_dict"].items():
+        if value.is_floating_point():
+            assert _rel(got["state_dict"][key], value) < 1e-4, key
+    index = _kernel_index()
+    momentum = got["optimizer_states"][0]["state"][index]["momentum_buffer"]
+    assert momentum.abs().sum() > 0                            # the head did train
+    assert _rel(momentum, ref["optimizer_states"][0]["state"][index]["momentum_buffer"]) < 1e-4
+
+
+def test_resume_on_fewer_processes_continues_exactly(bf16_run, tiny_data, tmp_path):
+    """last.ckpt written by 2 processes, resumed at 1: ``main.py`` resumes and trains on; and the
+    resumed sharded head (file mapped, columns copied) gives the same next-step loss, and after one
+    SGD step (momentum included) the same loss again, as the replicated head loaded from that
+    checkpoint, i.e. as continuing with the full state."""
+    from train_val import SGD, Trainer
+    from utils.checkpoint_io import SafeCheckpointIO
+
+    out, _ = bf16_run
+    rc, log = _run_main(tiny_data, tmp_path / "resumed", "--partial_fc", "--epochs", "2",
+                        "--resume_from_checkpoint", str(out / "last.ckpt"), processes=1)
+    assert rc == 0, log[-3000:]
+    assert "random generators of 2 process(es), this run has 1" in log
+    assert read_checkpoint(tmp_path / "resumed" / "last.ckpt")["epoch"] == 1
+
+    losses = {}
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 112, 112, generator=g), torch.randint(0, 6, (8,), generator=g)) for _ in range(2)]
+    for mode in ("sharded", "replicated"):
+        checkpoint = SafeCheckpointIO(mmap=mode == "sharded").load_checkpoint(out / "last.ckpt")
+        hp = dict(checkpoint["hyper_parameters"])
+        hp.update(partial_fc=mode == "sharded", precision="32", sample_rate=1.0)
+        module = Trainer(**hp)
+        module.configure_model()
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        (optimizer,), _ = module.configure_optimizers()
+        optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        assert isinstance(optimizer, SGD)
+        module.train()
+        torch.manual_seed(1)                                   # the same dropout draws, if any
+        losses[mode] = []
+        for images, labels in batches:
+            if mode == "sharded":
+                loss = module.head(*module.model(images), labels)
+            else:
+                logits, _, _, _ = module(images, labels)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[mode].append(float(loss))
+    for got, ref in zip(losses["sharded"], losses["replicated"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), losses
+
+
+def test_out_of_range_labels_stop_main_with_one_clear_line(tiny_data, tmp_path):
+    """Labels beyond the head (--custom_num_class 4 for 6 identities) under --partial_fc on 2
+    processes: every rank stops with the label error (no hang, no capped loss)."""
+    rc, log = _run_main(tiny_data, tmp_path / "run", "--partial_fc", "--custom_num_class", "4")
+    assert rc == 2, log[-3000:]
+    assert "error: labels must lie in [0, 4) (the head's classnum), got values from" in log
+    assert "Traceback" not in log
+
+
+def test_training_sgd_equals_torch_sgd_with_the_published_groups():
+    """train_val.SGD folds the weight decay into the gradient in place (no E x C temporary): the
+    parameters and momentum buffers must equal torch's SGD bit for bit over several steps, with
+    the published groups (decay: convolutions/linear + kernel; none: BatchNorm) and a milestone."""
+    from train_val import SGD, split_parameters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, E), torch.nn.BatchNorm1d(E))
+    kernel = torch.nn.Parameter(torch.randn(E, C))
+    twins = [(model, kernel), (copy.deepcopy(model), torch.nn.Parameter(kernel.detach().clone()))]
+    optimizers = []
+    for cls, (m, k) in zip((torch.optim.SGD, SGD), twins):
+        decay, no_decay = split_parameters(m)
+        opt = cls([{"params": decay + [k], "weight_decay": 5e-4}, {"params": no_decay}], lr=0.1, momentum=0.9)
+        optimizers.append((opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3], gamma=0.1)))
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g) for p in [*model.parameters(), kernel]]
+        for (opt, sched), (m, k) in zip(optimizers, twins):
+            for p, grad in zip([*m.parameters(), k], grads):
+                p.grad = grad.clone()
+            opt.step()
+            sched.step()
+        for p, q in zip([*twins[0][0].parameters(), twins[0][1]], [*twins[1][0].parameters(), twins[1][1]]):
+            assert torch.equal(p, q), f"step {step}: parameters differ"
+    ref, ours = optimizers[0][0], optimizers[1][0]
+    assert [g["weight_decay"] for g in ours.param_groups] == [5e-4, 0]     # restored after each step
+    for p, q in zip([*twins[0][0].parameters(), twins[0][1]], [*twins[1][0].parameters(), twins[1][1]]):
+        assert torch.equal(ref.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"])
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
