@@ -610,7 +610,7 @@ def test_resume_on_fewer_processes_continues_exactly(pfc_run, tiny_data, tmp_pat
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses[mode].append(float(loss))
+            losses[mode].append(float(loss.detach()))
     for got, ref in zip(losses["sharded"], losses["replicated"]):
         assert abs(got - ref) <= 1e-5 * abs(ref), losses
 
