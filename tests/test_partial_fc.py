@@ -546,29 +546,6 @@ def test_sharded_loss_under_bf16_autocast_is_float32():
     assert torch.equal(results[0][2], results[1][2]) and torch.equal(results[0][3], results[1][3])
 
 
-def test_main_gradient_accumulation_matches_the_replicated_head(tiny_data, tmp_path):
-    """``--accumulate_grad_batches 2`` on 2 gloo processes: the sharded head and the replicated one
-    (DDP) end with the same weights (2 epochs, 4 optimizer steps of 2 micro-batches). The correct
-    scaling: each micro-batch's loss is its global batch's mean, Lightning divides it by 2, so an
-    optimizer step applies the mean of the two micro-batches' gradients, as the replicated head does
-    (not one step on the combined batch: BatchNorm normalises each micro-batch by itself)."""
-    finals = {}
-    for name, extra in (("replicated", ()), ("sharded", ("--partial_fc",))):
-        rc, log = _run_main(tiny_data, tmp_path / name, "--head", "arcface", "--accumulate_grad_batches", "2",
-                            "--epochs", "2", *extra)
-        assert rc == 0, log[-3000:]
-        finals[name] = read_checkpoint(tmp_path / name / "last.ckpt")
-    ref, got = finals["replicated"], finals["sharded"]
-    assert got["global_step"] == ref["global_step"] >= 4
-    for key, value in ref["state_dict"].items():
-        if value.is_floating_point():
-            assert _rel(got["state_dict"][key], value) < 1e-4, key
-    index = _kernel_index()
-    momentum = got["optimizer_states"][0]["state"][index]["momentum_buffer"]
-    assert momentum.abs().sum() > 0                            # the head did train
-    assert _rel(momentum, ref["optimizer_states"][0]["state"][index]["momentum_buffer"]) < 1e-4
-
-
 def test_resume_on_fewer_processes_continues_exactly(pfc_run, tiny_data, tmp_path):
     """last.ckpt written by 2 processes, resumed at 1: ``main.py`` resumes and trains on; and the
     resumed sharded head (file mapped, columns copied) gives the same next-step loss, and after one
