@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import Parameter
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 HEAD_TYPES = ("adaface", "arcface", "cosface")
@@ -62,13 +64,18 @@ def init_kernel(embedding_size: int, classnum: int) -> torch.Tensor:
     return kernel
 
 
+class LabelError(UserError, ValueError):
+    """Training labels that are not class indices of the head (wrong shape, type or range)."""
+
+
 def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.Tensor:
-    """Return ``labels`` as an int64 column; raise ``ValueError`` on a wrong shape or range."""
+    """Return ``labels`` as an int64 column; raise :class:`LabelError` (a ``ValueError``) on a wrong
+    shape, type or range."""
     if labels.dim() not in (1, 2) or labels.numel() != batch_size:
-        raise ValueError(f"labels must hold one class index per embedding: got shape "
+        raise LabelError(f"labels must hold one class index per embedding: got shape "
                          f"{tuple(labels.shape)} for {batch_size} embeddings")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        raise LabelError(f"labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.reshape(-1, 1).long()
     if batch_size and _cuda_branch(labels):
         # no host synchronisation per training step on the GPU: the check fails asynchronously
@@ -77,7 +84,7 @@ def check_labels(labels: torch.Tensor, classnum: int, batch_size: int) -> torch.
     elif batch_size:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= classnum:
-            raise ValueError(f"labels must lie in [0, {classnum}) (the head's classnum), got values "
+            raise LabelError(f"labels must lie in [0, {classnum}) (the head's classnum), got values "
                              f"from {low} to {high}; is --custom_num_class or the data set right?")
     return labels
 
@@ -144,33 +151,58 @@ def margin_logits_forward(embeddings: torch.Tensor, kernel: torch.Tensor, labels
     return logits, state
 
 
-def margin_logits_backward(grad: torch.Tensor, state: _MarginState, needs_embeddings: bool = True,
-                           needs_kernel: bool = True, inplace: bool = False):
-    """The backward of :class:`MarginLogits`: ``(grad_embeddings, grad_kernel)`` for the upstream
-    gradient ``grad`` (B x C) of the logits; with ``inplace`` ``grad`` is overwritten (no new B x C
-    buffer)."""
-    labels, inv_norm, logits, s = state.labels, state.inv_norm, state.logits, state.s
-    scale = inv_norm * s                                       # (C,)
-    grad_target = grad.gather(1, labels) * state.derivative * scale[labels]
-    grad = grad.mul_(scale) if inplace else grad * scale       # G, at most one new B x C buffer
+def margin_grad_rows_(grad: torch.Tensor, state: _MarginState, rows: slice,
+                     scale: torch.Tensor) -> torch.Tensor:
+    """Turn ``grad``, the upstream gradient of the logits of ``rows`` (a block of rows, or all),
+    in place into ``G`` (see :class:`MarginLogits`) for those rows; ``scale = s / n`` per column.
+    Reads ``state.logits[rows]`` (the clamp mask), which must still hold the forward's logits.
+    Returns the rows' target entries of ``G`` (rows x 1)."""
+    labels = state.labels[rows]
+    grad_target = grad.gather(1, labels) * state.derivative[rows] * scale[labels]
+    grad.mul_(scale)
     if state.clamped:
+        logits = state.logits[rows]
         grad.masked_fill_((logits <= -state.bound) | (logits >= state.bound), 0.0)
     grad.scatter_(1, labels, grad_target)
+    return grad_target
+
+
+def margin_input_grads(grad: torch.Tensor, state: _MarginState, grad_target: torch.Tensor,
+                       col: Optional[torch.Tensor], target_logits: torch.Tensor,
+                       needs_embeddings: bool = True, needs_kernel: bool = True):
+    """``(grad_embeddings, grad_kernel)`` from ``G`` (``grad``, B x C), its target entries and
+    ``col = sum_b G[b, j] * logits[b, j]`` over the forward's logits (``target_logits``: their
+    target entries), which :func:`margin_logits_backward` computes and a caller that overwrites
+    the logits with ``G`` (the sharded head) accumulates row block by row block."""
     grad_embeddings = grad_kernel = None
     if needs_embeddings:
         grad_embeddings = torch.mm(grad, state.kernel.t())
     if needs_kernel:
         # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
-        col = torch.zeros_like(inv_norm)
+        col = col / state.s
+        col.index_add_(0, state.labels.reshape(-1),
+                       (grad_target * (state.target_cos - target_logits / state.s)).reshape(-1))
+        grad_kernel = torch.mm(state.embeddings.t(), grad)
+        grad_kernel.addcmul_(state.kernel, (col * state.inv_norm).unsqueeze(0), value=-1.0)
+    return grad_embeddings, grad_kernel
+
+
+def margin_logits_backward(grad: torch.Tensor, state: _MarginState, needs_embeddings: bool = True,
+                           needs_kernel: bool = True, inplace: bool = False):
+    """The backward of :class:`MarginLogits`: ``(grad_embeddings, grad_kernel)`` for the upstream
+    gradient ``grad`` (B x C) of the logits; with ``inplace`` ``grad`` is overwritten (no new B x C
+    buffer)."""
+    logits = state.logits
+    scale = state.inv_norm * state.s                           # (C,)
+    grad = grad if inplace else grad.clone()                   # G, at most one new B x C buffer
+    grad_target = margin_grad_rows_(grad, state, slice(None), scale)
+    col = None
+    if needs_kernel:
+        col = torch.zeros_like(state.inv_norm)
         for start in range(0, grad.shape[0], 64):          # row blocks keep the product small
             col += (grad[start:start + 64] * logits[start:start + 64]).sum(0)
-        col /= s
-        target_logits = logits.gather(1, labels)
-        col.index_add_(0, labels.reshape(-1),
-                       (grad_target * (state.target_cos - target_logits / s)).reshape(-1))
-        grad_kernel = torch.mm(state.embeddings.t(), grad)
-        grad_kernel.addcmul_(state.kernel, (col * inv_norm).unsqueeze(0), value=-1.0)
-    return grad_embeddings, grad_kernel
+    return margin_input_grads(grad, state, grad_target, col, logits.gather(1, state.labels),
+                              needs_embeddings, needs_kernel)
 
 
 class MarginLogits(torch.autograd.Function):

@@ -11,8 +11,8 @@ Each of the W ranks holds the kernel columns of its own classes, ``[start, stop)
 3. returns the cross-entropy of the whole global batch (mean over its B samples, identical on
    every rank) from a distributed, stable float32 log-softmax: row maxima (all-reduce MAX), then
    sums of ``exp(logit - max)`` and the target logits (one all-reduce SUM). No probability floor,
-   no host synchronisation; the backward recomputes the probabilities from the logits into the one
-   B x C_local gradient buffer that :func:`~head.margin_logits_backward` then works in place.
+   no host synchronisation; the backward recomputes the probabilities from the logits block by
+   block and overwrites the logits with the gradient (one B x C_local buffer in all).
 
 With ``sample_rate < 1`` (negative sampling) a rank keeps every class of its shard that is a
 label of the global batch and fills up to ``max(ceil(rate * C_local), B)`` columns (at most
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, MarginHead, check_labels,
-                  margin_logits_backward, margin_logits_forward)
+from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels,
+                  margin_grad_rows_, margin_input_grads, margin_logits_forward)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -144,13 +146,32 @@ class _ShardedMarginLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        """The logits buffer becomes ``G`` row block by row block (a block's softmax gradient is
+        computed into a small temporary, turned into ``G`` by :func:`head.margin_grad_rows_`, its
+        ``sum_b G * logits`` accumulated, then copied over the block's logits): no second
+        B x C_local buffer."""
         state = ctx.state
         logits = state.logits
-        grad = torch.sub(logits, ctx.row_max[:, None]).exp_().div_(ctx.sum_exp[:, None])  # softmax
-        grad.scatter_add_(1, state.labels, -ctx.has_target.to(grad.dtype))
-        grad.mul_(grad_loss / logits.shape[0])
-        grad_embeddings, grad_kernel = margin_logits_backward(
-            grad, state, ctx.needs_input_grad[0], ctx.needs_input_grad[1], inplace=True)
+        batch, width = logits.shape
+        scale = state.inv_norm * state.s
+        target_logits = logits.gather(1, state.labels)
+        col = torch.zeros_like(state.inv_norm)
+        factor = grad_loss / batch
+        not_target = -ctx.has_target.to(logits.dtype)
+        targets = []
+        rows = max(1, _CHUNK_ELEMENTS // max(1, width))
+        for start in range(0, batch, rows):
+            block = slice(start, start + rows)
+            grad = torch.sub(logits[block], ctx.row_max[block, None]).exp_().div_(ctx.sum_exp[block, None])
+            grad.scatter_add_(1, state.labels[block], not_target[block])   # softmax - one-hot
+            grad.mul_(factor)
+            targets.append(margin_grad_rows_(grad, state, block, scale))
+            col += (grad * logits[block]).sum(0)
+            logits[block] = grad
+            del grad
+        grad_embeddings, grad_kernel = margin_input_grads(
+            logits, state, torch.cat(targets), col, target_logits,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.state = None
         return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None
 
@@ -285,9 +306,9 @@ class ShardedMarginHead(MarginHead):
                              f"got {tuple(embbedings.shape)}")
         local_batch = embbedings.shape[0]
         if label.dtype.is_floating_point or label.dtype == torch.bool:
-            raise ValueError(f"labels must be integer class indices, got dtype {label.dtype}")
+            raise LabelError(f"labels must be integer class indices, got dtype {label.dtype}")
         if label.numel() != local_batch:
-            raise ValueError(f"labels must hold one class index per embedding: got shape "
+            raise LabelError(f"labels must hold one class index per embedding: got shape "
                              f"{tuple(label.shape)} for {local_batch} embeddings")
         with torch.autocast(device_type=embbedings.device.type, enabled=False):
             embeddings = self._gather(embbedings.float(), grad=True)
@@ -380,10 +401,68 @@ def gather_columns(shard: torch.Tensor, classnum: int, group=None, dst: int = 0)
     return full
 
 
+def gather_columns_to_file(shard: torch.Tensor, classnum: int, group=None, dst: int = 0,
+                           directory: Optional[str] = None) -> Optional[torch.Tensor]:
+    """Like :func:`gather_columns`, but rank ``dst`` writes the full E x C tensor into a raw file
+    (row-major, in ``directory``, default the temporary folder) as the shards arrive and returns a
+    :func:`utils.checkpoint_io.deferred_tensor` placeholder for it: resident memory on ``dst`` is
+    one shard at a time, never the full tensor. ``SafeCheckpointIO`` writes the file's bytes into
+    the checkpoint in the placeholder's place."""
+    from utils.checkpoint_io import deferred_tensor   # Lightning's IO: imported only when saving
+
+    world, rank = _world_rank(group)
+    shard = shard.detach().contiguous()
+    if world > 1 and rank != dst:
+        dist.send(shard, group=group, group_dst=dst)
+        return None
+    rows, item = shard.shape[0], shard.element_size()
+    fd, raw_path = tempfile.mkstemp(dir=directory, prefix="head_columns.", suffix=".raw")
+    try:
+        os.ftruncate(fd, rows * classnum * item)
+        for other in range(world):
+            start, stop = shard_bounds(classnum, world, other)
+            if other == rank:
+                part = shard.cpu()
+            else:
+                part = torch.empty(rows, stop - start, dtype=shard.dtype, device=shard.device)
+                dist.recv(part, group=group, group_src=other)
+                part = part.cpu()
+            data = part.numpy() if part.dtype != torch.bfloat16 else part.view(torch.int16).numpy()
+            for row in range(rows):         # the shard's columns of each row: one contiguous run
+                os.pwrite(fd, data[row], (row * classnum + start) * item)
+            del part, data
+    except BaseException:
+        os.close(fd)
+        os.unlink(raw_path)
+        raise
+    os.close(fd)
+    return deferred_tensor((rows, classnum), raw_path, dtype=shard.dtype)
+
+
 def shard_columns(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s columns (a contiguous copy) of a full E x C tensor, for a group of ``world``."""
+    """Rank ``rank``'s columns (a new contiguous copy, also at W = 1: ``full`` may map a file) of a
+    full E x C tensor, for a group of ``world``."""
     start, stop = shard_bounds(full.shape[1], world, rank)
-    return full[:, start:stop].contiguous()
+    return full[:, start:stop].clone(memory_format=torch.contiguous_format)
+
+
+def own_checkpoint_tensors(obj, skip_shape: Optional[Tuple[int, ...]] = None):
+    """Replace, in place in the dicts and lists of ``obj``, every tensor by a copy (a checkpoint
+    read with ``mmap`` maps the file, which a later save may overwrite), except tensors shaped
+    ``skip_shape`` (the full head tensors, which :func:`shard_head_checkpoint` slices). Returns ``obj``."""
+    def own(value):
+        if torch.is_tensor(value):
+            return value if skip_shape is not None and tuple(value.shape) == tuple(skip_shape) else value.clone()
+        own_checkpoint_tensors(value, skip_shape)
+        return value
+
+    if isinstance(obj, dict):
+        for key in list(obj):
+            obj[key] = own(obj[key])
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            obj[i] = own(value)
+    return obj
 
 
 class ShardedCheckpointError(UserError, ValueError):
@@ -423,14 +502,22 @@ def _map_kernel_state(checkpoint: dict, kernel_key: str, index: Optional[int], s
 
 
 def gather_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],
-                           prefix: str = "head.", dst: int = 0) -> None:
+                           prefix: str = "head.", dst: int = 0, to_disk: bool = False,
+                           directory: Optional[str] = None) -> None:
     """Turn a Lightning-style checkpoint dict holding this rank's shard (``state_dict[prefix +
     'kernel']`` and the kernel's optimizer state at ``index``) into the published layout: the full
     E x C tensors on rank ``dst`` (tensors one at a time; the shards stay on the other ranks).
-    Every rank of the head's group must call it, in the same order."""
+    With ``to_disk`` they are gathered into files (:func:`gather_columns_to_file`, for
+    ``SafeCheckpointIO`` to write) instead of memory. Every rank of the head's group must call it,
+    in the same order."""
     group = head.group if head.world > 1 else None
-    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape),
-                      lambda shard: gather_columns(shard, head.classnum, group, dst))
+    if to_disk:
+        def gather(shard):
+            return gather_columns_to_file(shard, head.classnum, group, dst, directory)
+    else:
+        def gather(shard):
+            return gather_columns(shard, head.classnum, group, dst)
+    _map_kernel_state(checkpoint, prefix + "kernel", index, tuple(head.kernel.shape), gather)
 
 
 def shard_head_checkpoint(checkpoint: dict, head: ShardedMarginHead, index: Optional[int],

@@ -111,7 +111,8 @@ def build_trainer(args, callbacks: Sequence, loggers: Sequence) -> pl.Trainer:
         accumulate_grad_batches=args.accumulate_grad_batches,
         limit_train_batches=50 if args.test_run else 1.0,
         log_every_n_steps=getattr(args, "log_every_n_steps", 50),
-        plugins=[SafeCheckpointIO(trust=getattr(args, "trust_checkpoint", False))],
+        plugins=[SafeCheckpointIO(trust=getattr(args, "trust_checkpoint", False),
+                                  mmap=bool(getattr(args, "partial_fc", False)))],
         gradient_clip_val=getattr(args, "gradient_clip_val", 0.0) or None,
     )
 

@@ -62,6 +62,41 @@ def _nchw_input(_module: torch.nn.Module, inputs: tuple) -> tuple:
     return (inputs[0].contiguous(),) + inputs[1:]
 
 
+class SGD(optim.SGD):
+    """``torch.optim.SGD`` that adds the weight decay into the gradient in place.
+
+    torch's step computes ``grad + weight_decay * param`` into a new tensor per parameter (one
+    E x C temporary for the head's kernel; the foreach path one for every parameter of a group at
+    once); this one writes it into ``param.grad`` (same operation, same values: the updates are
+    exactly torch's) and runs torch's step with the decay set to 0. ``param.grad`` then holds the
+    decayed gradient after the step. Groups with ``maximize``, ``differentiable``, a tensor weight
+    decay or sparse gradients fall back to torch's own step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        folded = []
+        for group in self.param_groups:
+            decay = group["weight_decay"]
+            if (decay == 0 or torch.is_tensor(decay) or group.get("maximize") or group.get("differentiable")
+                    or any(p.grad is not None and p.grad.is_sparse for p in group["params"])):
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.add_(p, alpha=decay)
+            folded.append((group, decay))
+            group["weight_decay"] = 0
+        try:
+            super().step()
+        finally:
+            for group, decay in folded:
+                group["weight_decay"] = decay
+        return loss
+
+
 class Trainer(pl.LightningModule):
     """AdaFace training module (the published name). Hyper-parameters are the ``main.py`` flags
     plus ``class_num`` (the number of training identities) and ``val_set_names``."""
@@ -257,8 +292,8 @@ class Trainer(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = split_parameters(self.model)
-        optimizer = optim.SGD([{"params": decay + [self.head.kernel], "weight_decay": self.hparams.weight_decay},
-                               {"params": no_decay}], lr=self.hparams.lr, momentum=self.hparams.momentum)
+        optimizer = SGD([{"params": decay + [self.head.kernel], "weight_decay": self.hparams.weight_decay},
+                         {"params": no_decay}], lr=self.hparams.lr, momentum=self.hparams.momentum)
         scheduler = lr_scheduler.MultiStepLR(optimizer, milestones=list(self.hparams.lr_milestones),
                                              gamma=self.hparams.lr_gamma)
         return [optimizer], [scheduler]
@@ -270,7 +305,14 @@ class Trainer(pl.LightningModule):
         recorded since the last check stops training here, before its state is written."""
         self.check_non_finite()
         if self.partial_fc:
-            head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
+            from utils.checkpoint_io import SafeCheckpointIO
+            to_disk = (self._trainer is not None
+                       and isinstance(self.trainer.strategy.checkpoint_io, SafeCheckpointIO))
+            # to_disk: rank 0 gathers into files that SafeCheckpointIO writes into the checkpoint
+            # (one shard in memory at a time); otherwise into memory (two full E x C tensors)
+            head_sharded.gather_head_checkpoint(checkpoint, self.head, self._kernel_state_index(),
+                                                to_disk=to_disk,
+                                                directory=self.hparams.get("output_dir") or None)
         states = capture_rng_states()
         if (self._trainer is not None and self.trainer.world_size > 1
                 and torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -286,6 +328,9 @@ class Trainer(pl.LightningModule):
         the full kernel and optimizer state (for any number of processes)."""
         if self.partial_fc:
             self.configure_model()
+            # SafeCheckpointIO maps the file under --partial_fc: copy what is kept (this rank's
+            # columns of the full head tensors, everything else whole), so the file is read once
+            head_sharded.own_checkpoint_tensors(checkpoint, skip_shape=(512, self.class_num))
             head_sharded.shard_head_checkpoint(checkpoint, self.head, self._kernel_state_index())
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:

@@ -1,7 +1,7 @@
 """Head step time and per-rank peak memory of the sharded head (Partial FC) on gloo CPU processes.
 
-One head step = forward (loss) + backward + SGD step (momentum 0.9, weight decay 5e-4) on the
-kernel, with the embeddings (per-rank batch B, E = 512, unit length) as a leaf input. Each
+One head step = forward (loss) + backward + SGD step (momentum 0.9, weight decay 5e-4; ours and
+replicated with training's ``train_val.SGD``, ``--torch_sgd`` for torch's) on the kernel, with the embeddings (per-rank batch B, E = 512, unit length) as a leaf input. Each
 configuration runs in W fresh processes (``torch.multiprocessing`` + gloo; W = 1 without
 torch.distributed for ours and ``head.py``): one warm-up step, then ``--steps`` timed steps
 between barriers (median). Memory: the growth of each rank's peak resident set size from just
@@ -64,7 +64,7 @@ def estimate_bytes(impl: str, classes: int, world: int, batch: int, dim: int, ra
     kept = local if rate >= 1 else max(math.ceil(rate * local), batch * world)
     logits = batch * world * kept * 4
     if impl == "ours":
-        per_rank = 3 * dim * local * 4 + 2 * logits + (2 * dim * kept * 4 if rate < 1 else 0)
+        per_rank = 3 * dim * local * 4 + logits + (2 * dim * kept * 4 if rate < 1 else 0)
     elif impl == "replicated":
         per_rank = 3 * dim * classes * 4 + 2 * batch * classes * 4 + dim * classes * 4
     else:  # arcface_torch: weight, grad, momentum, normalised copy, backward temporaries
@@ -116,7 +116,11 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
     head, kernel, loss_fn = _build(impl, cfg["classes"], world, rank, dim, cfg["rate"], cfg["exact_init"],
                                    cfg["insightface"])
     build_s = time.perf_counter() - t0
-    opt = torch.optim.SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if impl == "arcface_torch" or cfg.get("torch_sgd"):
+        opt = torch.optim.SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:  # what training uses: weight decay folded into the gradient in place
+        from train_val import SGD
+        opt = SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(i: int) -> float:
         emb, labels = inputs[i]
@@ -172,6 +176,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per rank (1: on a shared CPU two threads make small ops wait)")
     p.add_argument("--exact_init", action="store_true")
+    p.add_argument("--torch_sgd", action="store_true",
+                   help="ours and replicated with torch.optim.SGD (an E x C weight-decay temporary) "
+                        "instead of training's train_val.SGD")
     p.add_argument("--insightface", default="", help="folder with partial_fc_v2.py and losses.py")
     p.add_argument("--margin_gib", type=float, default=2.0, help="memory left free when deciding to skip")
     args = p.parse_args()
@@ -189,6 +196,7 @@ def main() -> None:
                         continue
                     cfg = dict(impl=impl, classes=classes, world=world, rate=rate, batch=args.batch,
                                dim=args.dim, steps=args.steps, threads=args.threads, exact_init=args.exact_init,
+                               torch_sgd=args.torch_sgd,
                                insightface=args.insightface)
                     ideal = 3 * classes * args.dim * 4 / world / GIB
                     need = estimate_bytes(impl, classes, world, args.batch, args.dim, rate)

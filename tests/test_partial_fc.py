@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from head import HEAD_TYPES, ArcFace, build_head
-from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint,
+from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_columns, gather_head_checkpoint, own_checkpoint_tensors,
                           global_grad_norm, kernel_state_index, sample_columns, sample_seed, shard_bounds, shard_columns,
                           shard_head_checkpoint)
 from utils.checkpoint import read_checkpoint
+from utils.checkpoint_io import SafeCheckpointIO
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
 HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
@@ -281,6 +282,9 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         _resume_step(head, layer, opt, groups[4], 4, rank, step)
     checkpoint = _checkpoint(head, layer, opt)
     gather_head_checkpoint(checkpoint, head, kernel_state_index(opt, head.kernel))
+    on_disk = _checkpoint(head, layer, opt)       # gathered into files, written by SafeCheckpointIO
+    gather_head_checkpoint(on_disk, head, kernel_state_index(opt, head.kernel), to_disk=True,
+                           directory=os.path.dirname(path))
     out = {}
     if rank == 0:
         kernel = checkpoint["state_dict"]["head.kernel"]
@@ -288,6 +292,16 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         out["published_layout"] = tuple(kernel.shape) == (E, C) and tuple(
             momentum["momentum_buffer"].shape) == (E, C)
         torch.save(checkpoint, path)
+        SafeCheckpointIO().save_checkpoint(on_disk, path + ".disk")
+        written = read_checkpoint(path + ".disk", mmap=True)
+        index = kernel_state_index(opt, head.kernel)
+        out["disk_save_equal"] = (
+            torch.equal(written["state_dict"]["head.kernel"], kernel)
+            and torch.equal(written["optimizer_states"][0]["state"][index]["momentum_buffer"],
+                            momentum["momentum_buffer"])
+            and torch.equal(written["state_dict"]["model.weight"], layer.weight))
+        del on_disk, written
+        out["raw_files_removed"] = not list(Path(path).parent.glob("head_columns.*.raw"))
     _resume_step(head, layer, opt, groups[4], 4, rank, 3)
     expected = _resume_step(head, layer, opt, groups[4], 4, rank, 4, train=False)
     dist.barrier()
@@ -295,7 +309,9 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
         if rank < world:
             for momentum in ((True, False) if world == 2 else (True,)):
                 head, layer, opt = _fresh(groups[world], SEED + 5)  # another initial kernel
-                _restore(torch.load(path, weights_only=True), head, layer, opt, momentum)
+                # the file SafeCheckpointIO wrote, mapped: each rank copies its columns only
+                mapped = own_checkpoint_tensors(read_checkpoint(path + ".disk", mmap=True), (E, C))
+                _restore(mapped, head, layer, opt, momentum)
                 _resume_step(head, layer, opt, groups[world], world, rank, 3)
                 got = _resume_step(head, layer, opt, groups[world], world, rank, 4, train=False)
                 if momentum:
@@ -351,7 +367,8 @@ CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + 
 
 def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
     _assert_results(gloo_results[4], "resume")
-    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout"} <= set(gloo_results[4][0]["resume"])
+    assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout", "disk_save_equal",
+            "raw_files_removed"} <= set(gloo_results[4][0]["resume"])
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -432,39 +449,185 @@ def test_a_checkpoint_of_another_class_count_is_a_clear_error():
         shard_head_checkpoint(checkpoint, head, None)
 
 
-def test_main_partial_fc_on_two_gloo_processes(tmp_path):
-    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 3 steps, sampling, clipping):
-    each rank holds half of the 6 classes, the backbone stays identical on both ranks, and last.ckpt
-    holds the full kernel and its momentum for every class (published layout)."""
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Demo-format data: 6 identities x 5 images, 10 pairs per validation set."""
+    from utils.demo_data import generate_demo_data
+
+    data = tmp_path_factory.mktemp("pfc_data") / "data"
+    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
+                       show_progress=False)
+    return data
+
+
+def _run_main(data: Path, out: Path, *extra: str, processes: int = 2):
+    """``main.py`` on ``tiny_data`` (ir_tiny, global batch 8, 1 epoch unless ``extra`` says otherwise)."""
     import subprocess
     import sys
 
+    cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(data), "--train_data_path", ".",
+           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
+           "--num_workers", "0", "--output_dir", str(out), "--seed", "7",
+           "--cpu_processes", str(processes), *extra]
+    if "--epochs" not in extra:
+        cmd += ["--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _kernel_index() -> int:
     import net
     from train_val import split_parameters
-    from utils.demo_data import generate_demo_data
 
-    repo = Path(__file__).resolve().parent.parent
-    data, out = tmp_path / "data", tmp_path / "run"
-    generate_demo_data(data, seed=3, num_train_ids=6, imgs_per_id=5, num_val_ids=6, pairs_per_set=10,
-                       show_progress=False)
-    cmd = [sys.executable, str(repo / "main.py"), "--data_root", str(data), "--train_data_path", ".",
-           "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
-           "--num_workers", "0", "--output_dir", str(out), "--epochs", "1", "--seed", "7",
-           "--cpu_processes", "2", "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5"]
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    return len(split_parameters(net.build_model("ir_tiny"))[0])
+
+
+@pytest.fixture(scope="module")
+def pfc_run(tiny_data, tmp_path_factory):
+    """``--partial_fc`` on 2 gloo processes, with sampling and clipping (1 epoch, 4 steps)."""
+    out = tmp_path_factory.mktemp("pfc_run") / "run"
+    rc, log = _run_main(tiny_data, out, "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5")
+    assert rc == 0, log[-3000:]
+    return out, log
+
+
+def test_main_partial_fc_on_two_gloo_processes(pfc_run):
+    """``main.py --partial_fc`` end to end on 2 gloo processes (ir_tiny, 4 steps, sampling, clipping):
+    each rank holds half of the 6 classes, the backbone stays identical on both ranks, and
+    last.ckpt (written by SafeCheckpointIO from the gathered files) holds the full kernel and its
+    momentum for every class (published layout)."""
+    out, log = pfc_run
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
     assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
     assert log.count("replicated weights identical on all 2 ranks") == 2
     steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
     assert len(steps) == 2 and steps[0] >= 3, steps
+    assert not list(out.glob("head_columns.*.raw"))           # the gathered files are gone
     ckpt = read_checkpoint(out / "last.ckpt")  # the project's safe loader
     assert ckpt["global_step"] >= 1
     kernel = ckpt["state_dict"]["head.kernel"]
-    index = len(split_parameters(net.build_model("ir_tiny"))[0])
-    momentum = ckpt["optimizer_states"][0]["state"][index]["momentum_buffer"]
-    assert kernel.shape == momentum.shape == (512, 6)
+    momentum = ckpt["optimizer_states"][0]["state"][_kernel_index()]["momentum_buffer"]
+    assert kernel.shape == momentum.shape == (512, 6) and kernel.dtype == torch.float32
     assert momentum[:, :3].abs().sum() > 0 and momentum[:, 3:].abs().sum() > 0   # both ranks' classes
     torch.testing.assert_close(kernel.norm(dim=0), torch.ones(6), atol=0.2, rtol=0)
+
+
+def test_main_partial_fc_bf16_mixed(tiny_data, tmp_path):
+    """``--precision bf16-mixed`` on 2 gloo processes (one step: bf16 convolutions are ~13x slower
+    than float32 on CPUs without bf16 instructions): the step runs, its loss is finite and the
+    backbone is identical on both ranks after it."""
+    rc, log = _run_main(tiny_data, tmp_path / "run", "--partial_fc", "--precision", "bf16-mixed",
+                        "--fast_dev_run")
+    assert rc == 0, log[-3000:]
+    assert re.findall(r"backbone identical on all 2 ranks after 1 steps", log), log[-3000:]
+    losses = [float(v) for v in re.findall(r"train_loss_step=([0-9.naif]+)", log)]
+    assert losses and all(math.isfinite(v) for v in losses), losses
+
+
+def test_sharded_loss_under_bf16_autocast_is_float32():
+    """The head leaves autocast: under bf16-mixed its loss and gradients equal the float32 ones
+    (ArcFace: no running statistics that would move between the two calls)."""
+    _, head = _heads("arcface", C, None)
+    emb, norms, labels, _ = _batch(1, 0)
+    results = []
+    for enabled in (False, True):
+        e = emb.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = head(e, norms, labels)
+        loss.backward()
+        results.append((loss.dtype, float(loss), e.grad.clone(), head.kernel.grad.clone()))
+        head.kernel.grad = None
+    assert results[1][0] == torch.float32
+    assert results[0][1] == results[1][1]
+    assert torch.equal(results[0][2], results[1][2]) and torch.equal(results[0][3], results[1][3])
+
+
+def test_resume_on_fewer_processes_continues_exactly(pfc_run, tiny_data, tmp_path):
+    """last.ckpt written by 2 processes, resumed at 1: ``main.py`` resumes and trains on; and the
+    resumed sharded head (file mapped, columns copied) gives the same next-step loss, and after one
+    SGD step (momentum included) the same loss again, as the replicated head loaded from that
+    checkpoint, i.e. as continuing with the full state."""
+    from train_val import SGD, Trainer
+    from utils.checkpoint_io import SafeCheckpointIO
+
+    out, _ = pfc_run
+    rc, log = _run_main(tiny_data, tmp_path / "resumed", "--partial_fc", "--epochs", "2",
+                        "--resume_from_checkpoint", str(out / "last.ckpt"), processes=1)
+    assert rc == 0, log[-3000:]
+    assert "random generators of 2 process(es), this run has 1" in log
+    assert read_checkpoint(tmp_path / "resumed" / "last.ckpt")["epoch"] == 1
+
+    losses = {}
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 112, 112, generator=g), torch.randint(0, 6, (8,), generator=g)) for _ in range(2)]
+    for mode in ("sharded", "replicated"):
+        checkpoint = SafeCheckpointIO(mmap=mode == "sharded").load_checkpoint(out / "last.ckpt")
+        hp = dict(checkpoint["hyper_parameters"])
+        hp.update(partial_fc=mode == "sharded", precision="32", sample_rate=1.0)
+        module = Trainer(**hp)
+        module.configure_model()
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"])
+        (optimizer,), _ = module.configure_optimizers()
+        optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        assert isinstance(optimizer, SGD)
+        module.train()
+        torch.manual_seed(1)                                   # the same dropout draws, if any
+        losses[mode] = []
+        for images, labels in batches:
+            if mode == "sharded":
+                loss = module.head(*module.model(images), labels)
+            else:
+                logits, _, _, _ = module(images, labels)
+                loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[mode].append(float(loss.detach()))
+    for got, ref in zip(losses["sharded"], losses["replicated"]):
+        assert abs(got - ref) <= 1e-5 * abs(ref), losses
+
+
+def test_out_of_range_labels_stop_main_with_one_clear_line(tiny_data, tmp_path):
+    """Labels beyond the head (--custom_num_class 4 for 6 identities) under --partial_fc on 2
+    processes: every rank stops with the label error (no hang, no capped loss)."""
+    rc, log = _run_main(tiny_data, tmp_path / "run", "--partial_fc", "--custom_num_class", "4")
+    assert rc == 2, log[-3000:]
+    assert "error: labels must lie in [0, 4) (the head's classnum), got values from" in log
+    assert "Traceback" not in log
+
+
+def test_training_sgd_equals_torch_sgd_with_the_published_groups():
+    """train_val.SGD folds the weight decay into the gradient in place (no E x C temporary): the
+    parameters and momentum buffers must equal torch's SGD bit for bit over several steps, with
+    the published groups (decay: convolutions/linear + kernel; none: BatchNorm) and a milestone."""
+    from train_val import SGD, split_parameters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, E), torch.nn.BatchNorm1d(E))
+    kernel = torch.nn.Parameter(torch.randn(E, C))
+    twins = [(model, kernel), (copy.deepcopy(model), torch.nn.Parameter(kernel.detach().clone()))]
+    optimizers = []
+    for cls, (m, k) in zip((torch.optim.SGD, SGD), twins):
+        decay, no_decay = split_parameters(m)
+        opt = cls([{"params": decay + [k], "weight_decay": 5e-4}, {"params": no_decay}], lr=0.1, momentum=0.9)
+        optimizers.append((opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3], gamma=0.1)))
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=g) for p in [*model.parameters(), kernel]]
+        for (opt, sched), (m, k) in zip(optimizers, twins):
+            for p, grad in zip([*m.parameters(), k], grads):
+                p.grad = grad.clone()
+            opt.step()
+            sched.step()
+        for p, q in zip([*twins[0][0].parameters(), twins[0][1]], [*twins[1][0].parameters(), twins[1][1]]):
+            assert torch.equal(p, q), f"step {step}: parameters differ"
+    ref, ours = optimizers[0][0], optimizers[1][0]
+    assert [g["weight_decay"] for g in ours.param_groups] == [5e-4, 0]     # restored after each step
+    for p, q in zip([*twins[0][0].parameters(), twins[0][1]], [*twins[1][0].parameters(), twins[1][1]]):
+        assert torch.equal(ref.state[p]["momentum_buffer"], ours.state[q]["momentum_buffer"])
+    assert ours.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
