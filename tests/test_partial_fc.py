@@ -11,6 +11,7 @@ import datetime
 import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,9 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
             and torch.equal(written["optimizer_states"][0]["state"][index]["momentum_buffer"],
                             momentum["momentum_buffer"])
             and torch.equal(written["state_dict"]["model.weight"], layer.weight))
+        with zipfile.ZipFile(path + ".disk") as archive:    # every CRC-32 filled in and right
+            out["disk_save_crc32"] = archive.testzip() is None and all(
+                info.CRC for info in archive.infolist())
         del on_disk, written
         out["raw_files_removed"] = not list(Path(path).parent.glob("head_columns.*.raw"))
     _resume_step(head, layer, opt, groups[4], 4, rank, 3)
@@ -368,7 +372,7 @@ CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + 
 def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
     _assert_results(gloo_results[4], "resume")
     assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout", "disk_save_equal",
-            "raw_files_removed"} <= set(gloo_results[4][0]["resume"])
+            "disk_save_crc32", "raw_files_removed"} <= set(gloo_results[4][0]["resume"])
 
 
 @pytest.mark.parametrize("name", CHECKS)

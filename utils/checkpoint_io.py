@@ -18,6 +18,7 @@ import tempfile
 import uuid
 import weakref
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -81,13 +82,48 @@ def _record_data_offsets(path: str) -> Dict[str, Tuple[int, int]]:
     return offsets
 
 
+def _write_crc32s(path: str) -> None:
+    """Fill in the CRC-32 of every record of the torch zip file ``path`` (written with CRC-32s
+    off): in its data descriptor and its central-directory entry, where ``torch.save`` puts them.
+    Reads the file once, in pieces."""
+    with open(path, "r+b") as f:
+        with zipfile.ZipFile(f) as archive:
+            infos, central = archive.infolist(), archive.start_dir
+        data = _record_data_offsets(path)
+        for info in infos:
+            offset, size = data[info.filename]
+            crc, done = 0, 0
+            f.seek(offset)
+            while done < size:
+                piece = f.read(min(_COPY_BYTES, size - done))
+                if not piece:
+                    raise RuntimeError(f"{path}: record {info.filename} ends early")
+                crc, done = zlib.crc32(piece, crc), done + len(piece)
+            packed = crc.to_bytes(4, "little")
+            if info.flag_bits & 0x08:                      # data descriptor after the data
+                f.seek(offset + size)
+                f.seek(offset + size + (4 if f.read(4) == b"PK\x07\x08" else 0))
+                f.write(packed)
+            else:
+                f.seek(info.header_offset + 14)
+                f.write(packed)
+            f.seek(central)                                # this record's central-directory entry
+            if f.read(4) != b"PK\x01\x02":
+                raise RuntimeError(f"{path}: unexpected zip central directory")
+            f.seek(central + 16)
+            f.write(packed)
+            f.seek(central + 28)
+            lengths = f.read(6)
+            central += 46 + sum(int.from_bytes(lengths[i:i + 2], "little") for i in (0, 2, 4))
+
+
 def save_with_deferred_tensors(checkpoint: dict, path: PathLike) -> bool:
     """Write ``checkpoint`` to ``path`` with every deferred tensor's raw file copied in place of its
     placeholder, piece by piece; False (nothing written) when it holds no deferred tensor.
 
     ``torch.save`` writes the placeholders' (untouched, zero) pages straight to a temporary file
-    beside ``path`` (no CRC-32: the records are patched afterwards, and ``torch.load`` does not
-    check it); each placeholder's record is found by a random 16-byte tag written into its first
+    beside ``path`` (CRC-32s off: the records are patched afterwards, then every CRC-32 is computed
+    and filled in, so zip tools can verify the file); each placeholder's record is found by a random 16-byte tag written into its first
     bytes, overwritten with the raw file in pieces of 64 MiB, and the file renamed onto ``path``.
     Resident memory: the checkpoint's other tensors and one piece (no copy of the whole file, as
     Lightning's in-memory buffer would hold)."""
@@ -128,10 +164,11 @@ def save_with_deferred_tensors(checkpoint: dict, path: PathLike) -> bool:
                             break
                         out.write(piece)
                 patched += 1
-            out.flush()
-            os.fsync(out.fileno())
         if patched != len(found):
             raise RuntimeError(f"{tmp}: found {patched} of the {len(found)} deferred records")
+        _write_crc32s(tmp)
+        with open(tmp, "r+b") as out:
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
