@@ -260,11 +260,12 @@ def _check_lengths(what: str, *arrays) -> None:
 
 
 def error_versus_reject(scores, labels, pair_quality, fmr: Union[float, Sequence[float]] = DEFAULT_FMRS,
-                        max_reject: float = DEFAULT_MAX_REJECT) -> Dict[float, RejectCurve]:
+                        max_reject: float = DEFAULT_MAX_REJECT, warn: bool = True) -> Dict[float, RejectCurve]:
     """EVRC of verification pairs, one curve per target FMR (see the module docstring for the rules).
 
     ``scores``: similarity per pair (higher = more alike); ``labels``: True for genuine pairs;
-    ``pair_quality``: one quality per pair (use :func:`pair_quality`). Returns ``{fmr: RejectCurve}``.
+    ``pair_quality``: one quality per pair (use :func:`pair_quality`). Returns ``{fmr: RejectCurve}``;
+    ``warn``: log when there are too few impostor pairs to measure a target FMR.
     """
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels, dtype=bool).reshape(-1)
@@ -272,7 +273,7 @@ def error_versus_reject(scores, labels, pair_quality, fmr: Union[float, Sequence
     curves = {}
     for target in np.atleast_1d(fmr):
         threshold, achieved, impostors = threshold_at_fmr(scores, labels, float(target))
-        if target * impostors < 1:
+        if warn and target * impostors < 1:
             logger.warning("error-versus-reject: %d impostor pairs cannot measure FMR %g (that needs %d); the "
                            "threshold is the highest impostor score (FMR 0)", impostors, target,
                            int(math.ceil(1 / target)))

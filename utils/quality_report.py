@@ -71,9 +71,9 @@ def verification_report(scores: np.ndarray, labels: np.ndarray, quality_1: Mappi
     """``{measure: {"FMR=..": curve}}`` of one pair list, pair quality = min of the two sides',
     plus ``random``."""
     out: Dict[str, Dict[str, RejectCurve]] = {}
-    for measure in quality_1:
+    for i, measure in enumerate(quality_1):
         curves = error_versus_reject(scores, labels, pair_quality(quality_1[measure], quality_2[measure]),
-                                     fmr=fmrs, max_reject=max_reject)
+                                     fmr=fmrs, max_reject=max_reject, warn=i == 0)
         out[measure] = {fmr_label(f): c for f, c in curves.items()}
     first = next(iter(out.values()))
     out[RANDOM] = {k: random_rejection(c) for k, c in first.items()}
