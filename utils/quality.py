@@ -206,20 +206,25 @@ def threshold_at_fmr(scores: np.ndarray, labels: np.ndarray, fmr: float) -> Tupl
     return threshold, float(np.count_nonzero(impostor > threshold)) / impostor.size, int(impostor.size)
 
 
-def _reject_points(errors: np.ndarray, counted: np.ndarray, quality: np.ndarray,
-                   max_reject: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Points ``(k / N, error rate of the remaining counted items)`` for ``k = 0 .. K + 1`` (where
-    ``K = floor(max_reject * N)``, capped at N), with ties rejected in expectation."""
+def _quality_groups(quality) -> Tuple[np.ndarray, np.ndarray]:
+    """``(order, ends)``: the items in increasing quality and the end of each group of equal quality."""
     quality = np.asarray(quality, dtype=np.float64).reshape(-1)
-    n = quality.size
     if np.isnan(quality).any():
         raise QualityError("error-versus-reject: the quality scores hold NaN")
     order = np.argsort(quality, kind="stable")
     q = quality[order]
+    return order, np.flatnonzero(np.r_[q[1:] != q[:-1], True]) + 1
+
+
+def _reject_points(errors: np.ndarray, counted: np.ndarray, groups: Tuple[np.ndarray, np.ndarray],
+                   max_reject: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Points ``(k / N, error rate of the remaining counted items)`` for ``k = 0 .. K + 1`` (where
+    ``K = floor(max_reject * N)``, capped at N), with ties rejected in expectation."""
+    order, ends = groups
+    n = order.size
     e = np.asarray(errors, dtype=np.float64).reshape(-1)[order]
     c = np.asarray(counted, dtype=np.float64).reshape(-1)[order]
     # cumulative counts at the ends of the groups of equal quality; linear in between (expectation)
-    ends = np.flatnonzero(np.r_[q[1:] != q[:-1], True]) + 1
     knots = np.r_[0, ends].astype(np.float64)
     cum_e = np.r_[0.0, np.cumsum(e)[ends - 1]]
     cum_c = np.r_[0.0, np.cumsum(c)[ends - 1]]
@@ -242,13 +247,13 @@ def partial_auc(reject: np.ndarray, error: np.ndarray, max_reject: float = DEFAU
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / max_reject)
 
 
-def _curve(errors, counted, quality, max_reject: float, **extra) -> RejectCurve:
+def _curve(errors, counted, quality, max_reject: float, groups=None, **extra) -> RejectCurve:
     if not 0 < max_reject <= 1:
         raise QualityError(f"max_reject must lie in (0, 1], got {max_reject}")
     counted = np.asarray(counted, dtype=bool).reshape(-1)
     if not counted.any():
         raise QualityError("error-versus-reject: nothing to count (no genuine pairs / mated probes)")
-    reject, error = _reject_points(errors, counted, quality, max_reject)
+    reject, error = _reject_points(errors, counted, groups or _quality_groups(quality), max_reject)
     return RejectCurve(reject, error, partial_auc(reject, error, max_reject), max_reject,
                        int(counted.size), int(counted.sum()), **extra)
 
@@ -271,6 +276,7 @@ def error_versus_reject(scores, labels, pair_quality, fmr: Union[float, Sequence
     labels = np.asarray(labels, dtype=bool).reshape(-1)
     _check_lengths("error_versus_reject", scores, labels, pair_quality)
     curves = {}
+    groups = _quality_groups(pair_quality)
     for target in np.atleast_1d(fmr):
         threshold, achieved, impostors = threshold_at_fmr(scores, labels, float(target))
         if warn and target * impostors < 1:
@@ -278,7 +284,7 @@ def error_versus_reject(scores, labels, pair_quality, fmr: Union[float, Sequence
                            "threshold is the highest impostor score (FMR 0)", impostors, target,
                            int(math.ceil(1 / target)))
         false_non_match = labels & ~(scores > threshold)
-        curves[float(target)] = _curve(false_non_match, labels, pair_quality, max_reject, threshold=threshold,
+        curves[float(target)] = _curve(false_non_match, labels, pair_quality, max_reject, groups, threshold=threshold,
                                        fmr=float(target), achieved_fmr=achieved, impostors=impostors)
     return curves
 

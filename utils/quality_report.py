@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 NORM, INDICATOR, LAPLACIAN, RANDOM = "norm", "indicator", "laplacian", "random"
 GRID_STEP = 0.005            # the CSV lists each curve at 0, 0.005, ..., max_reject
+PLOT_POINTS = 2001
 
 Report = Dict[str, Dict[str, Dict[str, RejectCurve]]]
 
@@ -148,7 +149,9 @@ def _save_plot(path: Path, report: Report, title: str) -> None:
             c = curves[point]
             keep = c.reject <= c.max_reject + 1e-12
             xs = np.r_[c.reject[keep], c.max_reject]
-            ys = np.r_[c.error[keep], c.at(c.max_reject)]
+            if len(xs) > PLOT_POINTS:          # millions of pairs (IJB-C): a fine grid is enough
+                xs = np.linspace(0.0, c.max_reject, PLOT_POINTS)
+            ys = c.at(xs)
             ax.plot(xs, ys, lw=1.4, ls="--" if measure == RANDOM else "-",
                     label=f"{measure} (pAUC {100 * c.pauc:.2f}%)")
         ax.set_title(f"{group}, {point}", fontsize=9)
