@@ -148,7 +148,8 @@ def quality_results(feature_set, template_feats: np.ndarray, unique_templates: n
     for gallery, (g_t, g_s) in protocol.galleries.items():
         g_feats = select_template_features(template_feats, unique_templates, g_t)
         report[f"{name} 1:N {gallery}"] = identification_report(
-            probe_feats @ g_feats.T, probe_s[:, None] == g_s[None, :], {m: q[probe_rows] for m, q in template_q.items()})
+            probe_feats @ g_feats.T, probe_s[:, None] == g_s[None, :],
+            {m: q[probe_rows] for m, q in template_q.items()})
     return report
 
 
