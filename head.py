@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import Parameter
 
 from utils.errors import UserError
+from utils.quality import NORM_CLIP, quality_indicator
 
 logger = logging.getLogger(__name__)
 
@@ -346,10 +347,10 @@ class AdaFace(MarginHead):
 
     def margin_scaler(self, norms: torch.Tensor) -> torch.Tensor:
         """``z_hat`` per sample, shape (B, 1); updates the running statistics first."""
-        safe_norms = torch.clip(norms, min=0.001, max=100).clone().detach()
+        safe_norms = torch.clip(norms, min=NORM_CLIP[0], max=NORM_CLIP[1]).clone().detach()
         self.update_norm_statistics(safe_norms)
-        scaler = (safe_norms - self.batch_mean) / (self.batch_std + self.eps)
-        return torch.clip(scaler * self.h, -1, 1)
+        # the one formula of the quality indicator (utils.quality), with this batch's statistics
+        return quality_indicator(safe_norms, self.batch_mean, self.batch_std, self.h, eps=self.eps)
 
     def target_margins(self, norms, batch_size):
         if norms is None:

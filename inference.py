@@ -18,7 +18,9 @@ Command line::
 
 It aligns the most confident face of every image in ``--image_dir`` (default
 ``face_alignment/test_images``, filled with sample photos on first use), prints the cosine
-similarity matrix and each face's feature norm, and lists the images it skipped and why. With
+similarity matrix and each face's feature norm and AdaFace quality indicator (the norm on the
+checkpoint's training scale, :mod:`utils.quality`; in [-1, 1]), and lists the images it skipped and
+why. ``--min_quality X`` leaves out (and lists) the faces whose indicator is below X. With
 ``--export_onnx`` it writes the backbone as ONNX instead and checks the file with onnxruntime.
 """
 from __future__ import annotations
@@ -45,11 +47,12 @@ from net import ARCHITECTURES, SMALL_ARCHITECTURE_CONFIG
 from utils.checkpoint import load_pretrained_backbone
 from utils.cli import run_cli
 from utils.device import resolve_device
-from utils.features import embed_batch
+from utils.features import embed_batch_views
 from utils.fusion import FUSION_METHODS
 from utils.image import IMAGE_EXTENSIONS, ImageDecodeError, list_images
 from utils.image import to_input  # noqa: F401 - re-exported: the published inference.to_input
 from utils.onnx_export import export_and_check
+from utils.quality import NormStatistics, QualityError, image_norm, read_norm_statistics
 from utils.pretrained import (DEFAULT_ARCH, PRETRAINED_DIR, PRETRAINED_MODELS_URL, REPO_ROOT,
                               default_checkpoint_paths, find_pretrained_checkpoint)
 
@@ -102,7 +105,9 @@ class FaceEmbedding:
     faces_in_photo: int
     detection_score: float
     feature: Optional[np.ndarray] = None
-    norm: Optional[float] = None
+    norm: Optional[float] = None            # the (fused) norm of ``feature``'s computation
+    image_norm: Optional[float] = None      # mean of the norms of the face (and its mirror) before fusion
+    quality: Optional[float] = None         # AdaFace's quality indicator of image_norm, in [-1, 1]
 
 
 @dataclass
@@ -123,6 +128,11 @@ class InferenceResult:
     @property
     def norms(self) -> np.ndarray:
         return np.array([f.norm for f in self.faces], dtype=np.float64)
+
+    @property
+    def qualities(self) -> np.ndarray:
+        """The quality indicator of each face (NaN where the checkpoint has no AdaFace statistics)."""
+        return np.array([np.nan if f.quality is None else f.quality for f in self.faces], dtype=np.float64)
 
     @property
     def similarity(self) -> np.ndarray:
@@ -174,10 +184,26 @@ def align_images(paths: Sequence[Path], root: Optional[Path] = None,
     return result
 
 
+def load_norm_statistics(architecture: Optional[str] = None, ckpt_path: Union[str, Path, None] = None,
+                         pretrained_dir: Union[str, Path, None] = None,
+                         trust: bool = False) -> Optional[NormStatistics]:
+    """AdaFace's norm statistics of the checkpoint :func:`load_pretrained_model` reads for the same
+    arguments, or None (with a log line) when the checkpoint has none (another head, a bare backbone)."""
+    if ckpt_path is None:
+        ckpt_path = find_pretrained_checkpoint(architecture or DEFAULT_ARCH, pretrained_dir)
+    try:
+        return read_norm_statistics(ckpt_path, trust=trust)
+    except QualityError as exc:
+        logger.warning("%s", exc)
+        return None
+
+
 def embed_faces(model: nn.Module, result: InferenceResult, fusion_method: str = DEFAULT_FUSION,
-                batch_size: int = EMBED_BATCH_SIZE) -> InferenceResult:
+                batch_size: int = EMBED_BATCH_SIZE,
+                statistics: Optional[NormStatistics] = None) -> InferenceResult:
     """Fill in each face's feature and norm: ``to_input`` on the aligned crop, then the backbone
-    (with the mirrored crop fused in by ``fusion_method`` unless it is ``'none'``)."""
+    (with the mirrored crop fused in by ``fusion_method`` unless it is ``'none'``); also its
+    ``image_norm`` and, given the checkpoint's ``statistics``, its quality indicator."""
     if fusion_method not in FUSION_METHODS:
         raise ValueError(f"unknown fusion_method {fusion_method!r}; choose from "
                          f"{', '.join(FUSION_METHODS)}")
@@ -186,25 +212,52 @@ def embed_faces(model: nn.Module, result: InferenceResult, fusion_method: str = 
     for start in range(0, len(result.faces), batch_size):
         chunk = result.faces[start:start + batch_size]
         images = torch.cat([to_input(face.aligned) for face in chunk]).to(device)
-        features, norms = embed_batch(model, images, use_flip=fusion_method != "none",
-                                      fusion_method=fusion_method)
-        for face, feature, norm in zip(chunk, features.cpu().numpy(), norms.cpu().numpy()):
+        features, norms, views = embed_batch_views(model, images, use_flip=fusion_method != "none",
+                                                   fusion_method=fusion_method)
+        single = image_norm(views.cpu().numpy())
+        quality = statistics.indicator(single) if statistics is not None else [None] * len(chunk)
+        for face, feature, norm, n, q in zip(chunk, features.cpu().numpy(), norms.cpu().numpy(), single, quality):
             face.feature, face.norm = feature, float(norm.reshape(-1)[0])
+            face.image_norm, face.quality = float(n), (None if q is None else float(q))
+    return result
+
+
+def filter_by_quality(result: InferenceResult, min_quality: float) -> InferenceResult:
+    """Move the faces whose quality indicator is below ``min_quality`` to ``result.skipped`` (with
+    the reason); raises :class:`QualityError` when the indicator is unknown (no AdaFace statistics)."""
+    if any(face.quality is None for face in result.faces):
+        raise QualityError(f"--min_quality {min_quality:g}: the checkpoint has no AdaFace norm statistics, so "
+                           f"faces have no quality indicator; use a checkpoint trained with the AdaFace head")
+    kept = []
+    for face in result.faces:
+        if face.quality < min_quality:
+            result.skipped.append((face.path, f"quality indicator {face.quality:+.3f} below --min_quality "
+                                              f"{min_quality:g} (feature norm {face.image_norm:.3f})"))
+        else:
+            kept.append(face)
+    result.faces = kept
     return result
 
 
 def run_inference(model: nn.Module, image_dir: Union[str, Path],
                   fusion_method: str = DEFAULT_FUSION,
                   mtcnn_weights: Union[str, Path, None] = None,
-                  progress: bool = True, compat: str = "default") -> InferenceResult:
+                  progress: bool = True, compat: str = "default",
+                  statistics: Optional[NormStatistics] = None,
+                  min_quality: Optional[float] = None) -> InferenceResult:
     """Align every image under ``image_dir`` (recursively, sorted) and embed the faces with
-    ``model``; MTCNN runs on the model's device (``compat``: see ``align_images``)."""
+    ``model``; MTCNN runs on the model's device (``compat``: see ``align_images``). With the
+    checkpoint's ``statistics`` (:func:`load_norm_statistics`) each face gets its quality
+    indicator; ``min_quality`` then skips the faces below it (:func:`filter_by_quality`)."""
     root = Path(image_dir)
     paths = list_images(root)
     device = next(model.parameters()).device
     result = align_images(paths, root=root, mtcnn_weights=mtcnn_weights, device=device,
                           progress=progress, compat=compat)
-    return embed_faces(model, result, fusion_method=fusion_method)
+    result = embed_faces(model, result, fusion_method=fusion_method, statistics=statistics)
+    if min_quality is not None:
+        filter_by_quality(result, min_quality)
+    return result
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -220,11 +273,13 @@ def similarity_table(result: InferenceResult, digits: int = 4) -> PrettyTable:
 
 
 def quality_table(result: InferenceResult) -> PrettyTable:
-    """Per face: feature norm (AdaFace's quality score), faces in the photo, MTCNN confidence."""
-    table = PrettyTable(["image", "feature norm (quality)", "faces in photo", "detection score"])
+    """Per face: feature norm (AdaFace's quality score), its quality indicator on the checkpoint's
+    scale, faces in the photo, MTCNN confidence."""
+    table = PrettyTable(["image", "feature norm (quality)", "faces in photo", "detection score",
+                         "quality indicator [-1, 1]"])
     for face in result.faces:
-        table.add_row([face.name, f"{face.norm:.3f}", face.faces_in_photo,
-                       f"{face.detection_score:.4f}"])
+        table.add_row([face.name, f"{face.norm:.3f}", face.faces_in_photo, f"{face.detection_score:.4f}",
+                       "-" if face.quality is None else f"{face.quality:+.3f}"])
     table.align = "r"
     table.align["image"] = "l"
     return table
@@ -272,6 +327,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="write the backbone to PATH as ONNX (dynamic batch axis; outputs "
                              "embedding and norm), check it against PyTorch with onnxruntime, and "
                              "exit without processing images")
+    parser.add_argument("--min_quality", type=float, default=None, metavar="X",
+                        help="skip (and list) faces whose AdaFace quality indicator (in [-1, 1], from "
+                             "the checkpoint's norm statistics; 0 = the mean training norm) is below X")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     add_compat_argument(parser)
     return parser.parse_args(argv)
@@ -302,18 +360,35 @@ def _run(argv: Optional[Sequence[str]]) -> None:
         raise FileNotFoundError(f"image folder not found: {image_dir}")
     if not list_images(image_dir):
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {image_dir}")
+    statistics = load_norm_statistics(args.architecture, args.ckpt_path, args.pretrained_dir,
+                                      trust=args.trust_checkpoint)
+    if args.min_quality is not None and statistics is None:
+        raise QualityError(f"--min_quality {args.min_quality:g}: the checkpoint has no AdaFace norm statistics "
+                           f"(head.batch_mean / head.batch_std), so faces have no quality indicator")
     result = run_inference(model, image_dir, fusion_method=args.fusion_method,
                            mtcnn_weights=args.mtcnn_weights, progress=not args.no_progress,
-                           compat=args.compat)
+                           compat=args.compat, statistics=statistics, min_quality=args.min_quality)
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
     if not result.faces:
+        if args.min_quality is not None:
+            raise ValueError(f"no face under {image_dir} has a quality indicator of at least --min_quality "
+                             f"{args.min_quality:g} (see the skipped lines above)")
         raise ValueError(f"no face found in any image under {image_dir}")
     print(f"cosine similarity ({model.arch if hasattr(model, 'arch') else 'backbone'}, "
           f"fusion: {args.fusion_method}):")
     print(similarity_table(result))
-    print("feature norm (AdaFace's quality score: higher means a clearer, more recognisable face):")
+    print("feature norm (AdaFace's quality score: higher means a clearer, more recognisable face) and "
+          "its quality indicator (the norm on the checkpoint's training scale: 0 = the mean training norm; "
+          f"{_statistics_text(statistics)}):")
     print(quality_table(result))
+
+
+def _statistics_text(statistics: Optional[NormStatistics]) -> str:
+    if statistics is None:
+        return "the checkpoint has no AdaFace statistics"
+    return (f"mean {statistics.batch_mean:.3f}, std {statistics.batch_std:.3f}, h {statistics.h:g}, "
+            f"i.e. -1 / +1 = {1 / statistics.h:.3g} std below / above")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -224,3 +224,41 @@ def test_command_line(tmp_path, capsys):
     assert "train_images" in printed and "--train_data_path ." in printed
     assert (tmp_path / "cli" / "train.rec").is_file()
     assert not (tmp_path / "cli" / "lfw").exists()
+
+
+def test_demo_quality_report_on_held_out_pairs(tiny):
+    """utils.demo's error-versus-reject report: every measure on the 20 pooled held-out pairs, the
+    oracle is the recorded quality_score of each image (by set and index), the indicator uses the
+    head's own statistics."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from head import AdaFace
+    from net import build_model
+    from utils.demo import DEMO_FMRS, held_out_embeddings, quality_evrc_report, recorded_quality
+    from utils.quality import error_versus_reject, pair_quality, quality_indicator
+
+    names = list(VAL_SET_NAMES)
+    rows = read_quality_table(tiny["quality_csv"])
+    args = SimpleNamespace(data_root=str(tiny["root"]), val_data_path=".", arch="ir_tiny", seed=0)
+    torch.manual_seed(5)
+    head = AdaFace(embedding_size=512, classnum=3, h=0.5)
+    head.batch_mean.fill_(700.0)
+    head.batch_std.fill_(150.0)
+    module = SimpleNamespace(model=build_model("ir_tiny").eval(), head=head)
+    report = quality_evrc_report(args, module, names, rows)["held-out pairs"]
+    assert list(report) == ["trained norm", "trained indicator", "untrained norm", "laplacian", "oracle", "random"]
+
+    oracle = recorded_quality(np.arange(40), names, rows)
+    by_key = {(r["split"], r["index"]): r["quality_score"] for r in rows}
+    assert oracle[9] == by_key[(names[1], 1)] and oracle[39] == by_key[(names[4], 7)]
+    held = held_out_embeddings(module.model, args, names)
+    scores = np.sum(held["features"][0::2] * held["features"][1::2], axis=1)
+    want = error_versus_reject(scores, held["issame"], pair_quality(oracle[0::2], oracle[1::2]), fmr=DEMO_FMRS)
+    for fmr, curve in want.items():
+        assert report["oracle"][f"FMR={fmr:g}"].pauc == pytest.approx(curve.pauc)
+    norm = held["view_norms"].mean(axis=1)
+    indicator = quality_indicator(norm, 700.0, 150.0, 0.5)
+    want = error_versus_reject(scores, held["issame"], pair_quality(indicator[0::2], indicator[1::2]), fmr=0.1)[0.1]
+    assert report["trained indicator"]["FMR=0.1"].pauc == pytest.approx(want.pauc)

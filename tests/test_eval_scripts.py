@@ -460,3 +460,133 @@ def test_5valsets_missing_sets_one_error(tiny, tmp_path, monkeypatch):
         hq_script.main(["--data_root", str(tmp_path), "--val_data_path", ".", "--ckpt_path", str(tiny[0]), *CPU])
     message = str(info.value)
     assert "missing validation pair set(s) cfp_fp, cplfw, calfw, agedb_30:" in message   # not lfw
+
+
+# ------------------------------------------------------------------------------------------------
+# --quality_report (error-versus-reject curves of the feature norm; utils.quality)
+# ------------------------------------------------------------------------------------------------
+from utils.eval_common import SHARPNESS, VIEW_NORMS  # noqa: E402
+from utils.quality import error_versus_reject  # noqa: E402
+
+
+def _report_files(out, stem="quality"):
+    for suffix in ("_pauc.csv", "_evrc.csv"):
+        assert (out / f"{stem}{suffix}").is_file()
+    assert (out / f"{stem}_evrc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_5valsets_quality_report_known_answers(tmp_path, capsys):
+    """10 lfw pairs, hand-made: genuine pairs 0-4 (0 and 1 fail: orthogonal features), impostors 5-9
+    (orthogonal, score 0, so the threshold is 0). Image norms: pair 2 holds the lowest (4), then
+    pair 0 (5), pair 1 (6), all others >= 10."""
+    issame = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], bool)
+    axes = []
+    for i in range(10):
+        same = issame[i] and i not in (0, 1)
+        axes += [i, i if same else 20 + i]
+    norms = 10.0 + np.arange(20)
+    norms[[5, 1, 3]] = [4.0, 5.0, 6.0]             # pair 2's first image, pair 0's and pair 1's second
+    names = [f"lfw/{i}" for i in range(20)]
+    path = save_features(tmp_path / "hand.npz", FeatureSet(
+        one_hot(axes, 40), 2 * norms[:, None].astype(np.float32), names,
+        {"kind": "5valsets", "model": "hand", "norm_statistics": {"batch_mean": 12.0, "batch_std": 4.0, "h": 1.0}},
+        {"issame_lfw": issame, VIEW_NORMS: np.stack([norms, norms], 1).astype(np.float32),
+         SHARPNESS: np.ones(20, np.float32)}))
+    out = tmp_path / "out"
+    result = hq_script.main(["--features_path", str(path), "--set_names", "lfw", "--quality_report",
+                             "--output_dir", str(out)])
+    report = result["quality"]["hand"]["lfw"]
+    fnmr0 = 2 / 5
+    # norm: k = 1 rejects pair 2 (a success): 2/4; k = 2 pair 0: 1/3; mean over [0, 0.2] by trapezoids
+    norm = report["norm"]["FMR=0.001"]
+    np.testing.assert_allclose(norm.error[:4], [fnmr0, 2 / 4, 1 / 3, 0.0])
+    assert norm.pauc == pytest.approx(((fnmr0 + 0.5) / 2 * 0.1 + (0.5 + 1 / 3) / 2 * 0.1) / 0.2)
+    # indicator (mean 12, std 4, h 1): norms 4, 5, 6 all clip to -1, a tie of pairs 0, 1, 2 (two failures)
+    indicator = report["indicator"]["FMR=0.001"]
+    np.testing.assert_allclose(indicator.error[:4], [fnmr0, (2 - 2 / 3) / 4, (2 - 4 / 3) / 3, 0.0])
+    assert indicator.pauc == pytest.approx(((fnmr0 + 1 / 3) / 2 * 0.1 + (1 / 3 + 2 / 9) / 2 * 0.1) / 0.2)
+    # a constant image baseline and random rejection: flat at FNMR(0)
+    assert report["laplacian"]["FMR=0.001"].pauc == pytest.approx(fnmr0)
+    assert report["random"]["FMR=0.0001"].pauc == pytest.approx(fnmr0)
+    _report_files(out, "hand_quality")
+    printed = capsys.readouterr().out
+    assert "norm pAUC (%)" in printed and "43.33" in printed and "32.22" in printed
+    pauc = np.genfromtxt(out / "hand_quality_pauc.csv", delimiter=",", names=True, dtype=None, encoding=None)
+    row = next(r for r in pauc if r["measure"] == "norm" and r["operating_point"] == "FMR=0.001")
+    assert row["pauc"] == pytest.approx(norm.pauc)
+
+
+def test_5valsets_quality_report_from_a_model_keeps_view_norms_and_statistics(pair_sets, tiny, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    shutil.copy(pair_sets["bins"]["lfw"], root / "lfw.bin")
+    head = {"kernel": torch.zeros(512, 3), "t": torch.zeros(1), "batch_mean": torch.tensor([300.0]),
+            "batch_std": torch.tensor([50.0])}
+    ckpt = save_lightning_style_checkpoint(tmp_path / "ada.ckpt", tiny[1], head_state=head,
+                                           hyper_parameters={"arch": "ir_tiny", "h": 0.5})
+    out = tmp_path / "out"
+    result = hq_script.main(["--data_root", str(root), "--val_data_path", ".", "--set_names", "lfw",
+                             "--ckpt_path", str(ckpt), *CPU, "--num_workers", "0", "--save_features",
+                             "--quality_report", "--output_dir", str(out)])
+    saved = load_features(out / "ada_features.npz", "5valsets")
+    assert saved.meta["norm_statistics"] == {"batch_mean": 300.0, "batch_std": 50.0, "h": 0.5}
+    images, _ = load_pair_bin(root / "lfw.bin")
+    rgb = [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+           for b in images[:4]]
+    _, n1 = flip_fused(tiny[1], rgb, use_flip=False)
+    _, n2 = flip_fused(tiny[1], [np.ascontiguousarray(im[:, ::-1]) for im in rgb], use_flip=False)
+    np.testing.assert_allclose(saved.arrays[VIEW_NORMS][:4], np.c_[n1, n2], rtol=1e-4)
+    assert np.all(saved.arrays[SHARPNESS] > 0)
+    assert set(result["quality"]["ada"]["lfw"]) == {"norm", "indicator", "laplacian", "random"}
+    _report_files(out, "ada_quality")
+
+
+def test_ijbc_quality_report_from_saved_features(ijbc, ijbc_run, tmp_path, capsys):
+    """Template quality = mean over media of each media's mean image norm; pair quality = min."""
+    result, out = ijbc_run
+    again = ijb_script.main(["--data_root", str(ijbc.root), "--features_path", str(out / "features.npz"),
+                             "--quality_report", "--output_dir", str(tmp_path)])
+    saved = load_features(out / "features.npz", "IJBC")
+    image_norm = saved.arrays[VIEW_NORMS].astype(np.float64).mean(axis=1)
+    paths = ijb_meta_paths(ijbc.root, "IJBC")
+    _, templates, medias = read_template_media_list(paths["template_media"])
+    t_quality = {}
+    for t in np.unique(templates):
+        in_t = templates == t
+        t_quality[t] = np.mean([image_norm[in_t & (medias == m)].mean() for m in np.unique(medias[in_t])])
+    p1, p2, labels = read_template_pair_list(paths["template_pairs"])
+    pair_q = np.array([min(t_quality[a], t_quality[b]) for a, b in zip(p1, p2)])
+    want = error_versus_reject(again["scores"], labels, pair_q)
+    report = again["quality"]["IJBC 1:1"]
+    for fmr, curve in want.items():
+        got = report["norm"][f"FMR={fmr:g}"]
+        np.testing.assert_allclose(got.error, curve.error)
+        assert got.pauc == pytest.approx(curve.pauc)
+    # the random checkpoint has no AdaFace head: no indicator, the image baseline is there
+    assert set(report) == {"norm", "laplacian", "random"}
+    assert {"IJBC 1:N G1", "IJBC 1:N G2"} <= set(again["quality"])
+    _report_files(tmp_path)
+    assert "template quality = mean over media" in capsys.readouterr().out
+
+
+def test_tinyface_quality_report_rejects_the_probes_of_lowest_quality(tinyface, tmp_path):
+    names, subjects = tinyface.image_names, tinyface.image_subjects
+    axes = [s - 1 if s > 0 else 8 + i for i, s in enumerate(subjects)]
+    probes = [i for i, n in enumerate(names) if n.startswith("Probe")]
+    wrong = probes[:2]                                   # two probes point at nobody: rank-1 misses
+    for i in wrong:
+        axes[i] = 30
+    norms = np.full(len(names), 20.0)
+    norms[wrong] = [3.0, 2.0]                            # ... and have the lowest norms
+    path = save_features(tmp_path / "f.npz", FeatureSet(
+        one_hot(axes, 32), norms[:, None].astype(np.float32), names, {"kind": "TinyFace", "model": "hand"},
+        {VIEW_NORMS: norms[:, None].astype(np.float32)}))
+    result = tinyface_script.main(["--data_root", str(tinyface.root), "--features_path", str(path),
+                                   "--quality_report", "--output_dir", str(tmp_path / "out")])
+    curve = result["quality"]["TinyFace"]["norm"]["rank-1"]
+    n = len(probes)                                      # 8 probes, all mated
+    assert curve.items == curve.counted == n
+    assert result["results"]["rank-1"] == pytest.approx(1 - 2 / n)
+    np.testing.assert_allclose(curve.error[:3], [2 / n, 1 / (n - 1), 0.0])
+    assert result["quality"]["TinyFace"]["random"]["rank-1"].pauc == pytest.approx(2 / n)
+    _report_files(tmp_path / "out")

@@ -216,6 +216,44 @@ def test_flip_fusion_uses_the_mirrored_face(result, tiny):
         inference.embed_faces(tiny[0], copy, fusion_method="max")
 
 
+def _indicator(norm, mean=20.0, std=100.0, h=0.333):
+    """The published AdaFace head's scaler with the fixture checkpoint's statistics (20, 100) and
+    the published default h (the checkpoint's arguments do not record one), eps 1e-3."""
+    return min(max((min(max(norm, 0.001), 100.0) - mean) / (std + 1e-3) * h, -1.0), 1.0)
+
+
+@needs_weights
+def test_quality_indicator_per_face_and_min_quality(result, tiny):
+    stats = inference.load_norm_statistics(ckpt_path=tiny[1])
+    assert (stats.batch_mean, stats.batch_std, stats.h) == (20.0, 100.0, 0.333)
+    copy = inference.InferenceResult(faces=[dataclasses.replace(f) for f in result.faces])
+    inference.embed_faces(tiny[0], copy, statistics=stats)
+    for face in copy.faces:
+        assert face.image_norm == pytest.approx(_model_output(tiny[0], face.aligned)[1], rel=1e-5)
+        assert face.quality == pytest.approx(_indicator(face.image_norm), abs=1e-7)
+    np.testing.assert_allclose(copy.qualities, [f.quality for f in copy.faces])
+    # with the flip test the indicator uses the mean of the two views' norms, not the fused norm
+    flipped = inference.InferenceResult(faces=[dataclasses.replace(f) for f in result.faces])
+    inference.embed_faces(tiny[0], flipped, fusion_method="pre_norm_vector_add", statistics=stats)
+    face = flipped.faces[0]
+    mean_norm = (_model_output(tiny[0], face.aligned)[1] + _model_output(tiny[0], face.aligned, flip=True)[1]) / 2
+    assert face.quality == pytest.approx(_indicator(mean_norm), abs=1e-7)
+    # the random backbone's norms lie above the head's clip at 100: both faces sit at the clip,
+    # (100 - 20) / (100 + 1e-3) * 0.333
+    assert all(f.image_norm > 100 for f in copy.faces)
+    np.testing.assert_allclose(copy.qualities, 80 / 100.001 * 0.333, rtol=1e-6)
+    # --min_quality: faces below it move to the skipped list with the reason, the others stay
+    copy.faces[0].quality, copy.faces[1].quality = -0.2, 0.3
+    low, high = copy.faces
+    inference.filter_by_quality(copy, 0.0)
+    assert [f.name for f in copy.faces] == [high.name]
+    path, reason = copy.skipped[-1]
+    assert path == low.path and reason.startswith("quality indicator -0.200 below --min_quality 0")
+    # without statistics there is no indicator to filter on: one clear error
+    with pytest.raises(inference.QualityError, match="no AdaFace norm statistics"):
+        inference.filter_by_quality(inference.InferenceResult(faces=[dataclasses.replace(result.faces[0])]), 0.0)
+
+
 @needs_weights
 def test_cli_prints_matrix_and_norms(tiny, tmp_path, capsys):
     photos = ensure_test_images(tmp_path / "samples")
@@ -244,6 +282,18 @@ def test_cli_prints_matrix_and_norms(tiny, tmp_path, capsys):
     norms = re.findall(r"\|\s*(camera\.jpg|grace_hopper\.jpg)\s*\|\s*([0-9.]+)\s*\|\s*1\s*\|", out)
     assert [name for name, _ in norms] == ["camera.jpg", "grace_hopper.jpg"]
     assert all(float(value) > 0 for _, value in norms)
+    # the quality indicator column, from the checkpoint's statistics
+    quality = re.findall(r"\|\s*(camera\.jpg|grace_hopper\.jpg)\s*\|\s*([0-9.]+)\s*\|\s*1\s*\|\s*[0-9.]+\s*\|"
+                         r"\s*([-+][0-9.]+)\s*\|", out)
+    assert [(n, round(_indicator(float(v)), 3)) for n, v, _ in quality] == [(n, float(q)) for n, _, q in quality]
+    assert len(quality) == 2
+
+    # --min_quality above every face: all listed as skipped, then one error line
+    assert inference.main(["--image_dir", str(folder), "--ckpt_path", str(tiny[1]), "--arch", "ir_tiny",
+                           "--no_progress", "--min_quality", "0.9"]) == 2
+    captured = capsys.readouterr()
+    assert f"skipped {folder / 'camera.jpg'}: quality indicator" in captured.out
+    assert "no face under" in captured.err and "--min_quality 0.9" in captured.err
 
 
 def test_cli_reports_bad_image_folder(tiny, tmp_path, capsys):

@@ -62,6 +62,11 @@ PathLike = Union[str, os.PathLike]
 
 FEATURES_FILE = "features.npz"
 FEATURES_FORMAT_VERSION = 1
+# extra arrays of a features file with one row per image (reordered with the images): the norms of
+# each view before flip fusion and the image baseline of utils.quality, for --quality_report
+PER_IMAGE_PREFIX = "image_"
+VIEW_NORMS = PER_IMAGE_PREFIX + "view_norms"
+SHARPNESS = PER_IMAGE_PREFIX + "laplacian_variance"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +283,15 @@ def add_feature_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-run the metrics on features saved by --save_features (no model needed)")
 
 
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quality_report`` (error-versus-reject curves of the feature norm; utils.quality_report)."""
+    parser.add_argument("--quality_report", action="store_true",
+                        help="also measure the feature norm as a face-quality score: error-versus-reject "
+                             "curves (CSV + PNG) and their pAUC table for the norm, AdaFace's quality "
+                             "indicator (from the checkpoint's norm statistics), an image baseline "
+                             "(variance of the Laplacian) and random rejection; works with --features_path")
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
     """Run an evaluation script's ``main``: :data:`USER_ERRORS` become one ``error: ...`` line and exit
     status 2 (:func:`utils.cli.run_cli`)."""
@@ -419,16 +433,30 @@ def select_by_names(feature_set: FeatureSet, names: Sequence[str], source: str) 
                              f"saved feature: {name_some(missing)}; give the features of this data set, or "
                              f"compute them with --model_name / --ckpt_path")
     rows = np.array([row_of[n] for n in names], dtype=np.int64)
-    return FeatureSet(feature_set.features[rows], feature_set.norms[rows], names, feature_set.meta,
-                      feature_set.arrays)
+    arrays = {k: (v[rows] if k.startswith(PER_IMAGE_PREFIX) else v) for k, v in feature_set.arrays.items()}
+    return FeatureSet(feature_set.features[rows], feature_set.norms[rows], names, feature_set.meta, arrays)
 
 
 def embed_dataset(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int,
-                  use_flip: bool, fusion_method: str, desc: str = "embedding") -> Tuple[np.ndarray, np.ndarray]:
-    """Features and norms of every item of ``dataset`` (in order), with a progress bar."""
+                  use_flip: bool, fusion_method: str, desc: str = "embedding", with_quality: bool = False):
+    """Features and norms of every item of ``dataset`` (in order), with a progress bar; with
+    ``with_quality`` also the per-view norms and the image baseline (:func:`extract_features`)."""
     loader = make_loader(dataset, batch_size, num_workers, device)
     return extract_features(model, loader, device=device, use_flip=use_flip, fusion_method=fusion_method,
-                            total=len(loader), desc=desc)
+                            total=len(loader), desc=desc, with_quality=with_quality)
+
+
+def quality_extras(spec: ModelSpec, view_norms: np.ndarray, sharpness: np.ndarray) -> Tuple[Dict, Dict]:
+    """``(meta, arrays)`` that a features file keeps for quality reports: the per-image view norms and
+    image baseline, and the checkpoint's AdaFace norm statistics when it has them."""
+    from utils.quality import QualityError, read_norm_statistics
+
+    meta: Dict[str, object] = {}
+    try:
+        meta["norm_statistics"] = read_norm_statistics(spec.ckpt_path, trust=spec.trust).as_dict()
+    except QualityError as exc:
+        logger.info("%s", exc)
+    return meta, {VIEW_NORMS: np.asarray(view_norms, np.float32), SHARPNESS: np.asarray(sharpness, np.float32)}
 
 
 def compute_or_load_features(args: argparse.Namespace, kind: str, names: Sequence[str],
@@ -452,13 +480,16 @@ def compute_or_load_features(args: argparse.Namespace, kind: str, names: Sequenc
         raise EvalInputError("no model and no --features_path")
     device = resolve_device(args.device)
     model = load_model(spec, device)
-    features, norms = embed_dataset(model, make_dataset(), device, args.batch_size, args.num_workers,
-                                    args.use_flip_test, args.fusion_method, desc=desc)
+    features, norms, view_norms, sharpness = embed_dataset(model, make_dataset(), device, args.batch_size,
+                                                           args.num_workers, args.use_flip_test, args.fusion_method,
+                                                           desc=desc, with_quality=True)
+    quality_meta, quality_arrays = quality_extras(spec, view_norms, sharpness)
     # the fusion method is recorded as requested: the published scripts weight image features by
     # their norms for 'pre_norm_vector_add' whether or not the flip was used
     feature_set = FeatureSet(features, norms, [str(n) for n in names],
                              {"kind": kind, "model": spec.label, "arch": spec.arch, "ckpt_path": str(spec.ckpt_path),
-                              "use_flip_test": bool(args.use_flip_test), "fusion_method": args.fusion_method})
+                              "use_flip_test": bool(args.use_flip_test), "fusion_method": args.fusion_method,
+                              **quality_meta}, quality_arrays)
     if args.save_features:
         if output_dir is None:
             raise EvalInputError("--save_features needs an output folder")

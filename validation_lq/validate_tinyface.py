@@ -15,6 +15,10 @@ The protocol of the published ``validation_lq/validate_tinyface.py`` (its ``Tiny
 Without ``tinyface/Testing_Set`` the aligned folder's own listing defines the protocol (a warning
 says that images lost in alignment cannot be detected then). Outputs go to ``--output_dir``
 (default ``result/TinyFace/<model>``): ``result.csv`` and, with ``--save_features``, ``features.npz``.
+``--quality_report`` rejects the probes of lowest quality (feature norm, AdaFace's indicator, the
+image baseline; :mod:`utils.quality`) and writes ``quality_pauc.csv``, ``quality_evrc.csv`` and
+``quality_evrc.png`` (1 - rank-1 of the remaining probes against the fraction rejected; the gallery
+is kept whole) and prints the pAUC table.
 
 Example::
 
@@ -36,13 +40,15 @@ from prettytable import PrettyTable  # noqa: E402
 
 from utils.eval_common import (EvalInputError, ImageListDataset, MissingFilesError,  # noqa: E402
                                add_device_argument, add_feature_arguments, add_fusion_arguments,
-                               add_loader_arguments, add_model_arguments, check_paths_exist,
+                               add_loader_arguments, add_model_arguments, add_quality_arguments, check_paths_exist,
                                compute_or_load_features, file_safe, model_specs_from_args,
                                prepare_output_dir, run_cli, run_label)
 from utils.device import resolve_device  # noqa: E402
 from utils.identification import rank_rates  # noqa: E402
 from utils.image import list_images  # noqa: E402
 from utils.messages import name_some  # noqa: E402
+from utils.quality_report import (identification_report, image_quality_measures, print_quality_report,  # noqa: E402
+                                  write_quality_report)
 
 logger = logging.getLogger("validate_tinyface")
 
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fusion_arguments(parser, use_flip_default=True)
     parser.add_argument("--output_dir", default=None, help="default: result/TinyFace/<model>")
     add_feature_arguments(parser)
+    add_quality_arguments(parser)
     return parser
 
 
@@ -176,7 +183,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                        len(probe_rows) - mated, len(probe_rows), mated)
     pd.DataFrame({"rank": list(RANKS), "values": [100 * results[f"rank-{r}"] for r in RANKS]}).to_csv(
         output_dir / "result.csv", index=False)
-    return {"results": results, "output_dir": output_dir}
+    quality = None
+    if args.quality_report:
+        measures = image_quality_measures(feature_set, KIND)
+        scores = feature_set.features[probe_rows] @ feature_set.features[gallery_rows].T
+        probe_labels, gallery_labels = labels[:len(probe_rows)], labels[len(probe_rows):]
+        quality = {KIND: identification_report(scores, probe_labels[:, None] == gallery_labels[None, :],
+                                               {m: q[probe_rows] for m, q in measures.items()})}
+        paths = write_quality_report(output_dir, quality, title=f"{label} on TinyFace: error versus reject")
+        print_quality_report(quality, paths, f"{label} on TinyFace, probes rejected by quality")
+    return {"results": results, "output_dir": output_dir, "quality": quality}
 
 
 if __name__ == "__main__":

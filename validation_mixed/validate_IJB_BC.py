@@ -21,6 +21,13 @@ Outputs (``--output_dir``, default ``result/<dataset>/<model>``): ``verification
 ``roc_<dataset>.png``, ``identification.csv`` and, with ``--save_features``, ``features.npz``, which
 ``--features_path`` reads to re-run the metrics without the model.
 
+``--quality_report`` measures the feature norm as a quality score (:mod:`utils.quality`): a
+template's quality is the mean over its media of the mean quality of each media's images (the
+aggregation of the template feature), a pair's the lower of its two templates'. It writes
+``quality_pauc.csv``, ``quality_evrc.csv`` and ``quality_evrc.png`` (1:1 FNMR at FMR 1e-3 and 1e-4
+against the fraction of pairs rejected; 1:N 1 - rank-1 against the fraction of probe templates
+rejected, per gallery) and prints the pAUC table.
+
 Example::
 
     python validation_mixed/validate_IJB_BC.py --dataset_name IJBC --data_root /data/IJB \\
@@ -47,13 +54,17 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from utils.device import resolve_device  # noqa: E402
 from utils.eval_common import (ImageListDataset, add_device_argument, add_feature_arguments,  # noqa: E402
-                               add_fusion_arguments, add_loader_arguments, add_model_arguments, check_files_exist,
+                               add_fusion_arguments, add_loader_arguments, add_model_arguments, add_quality_arguments,
+                               check_files_exist,
                                compute_or_load_features, file_safe, model_specs_from_args, prepare_output_dir,
                                run_cli, run_label)
 from utils.identification import rank_rates  # noqa: E402
 from utils.ijb import (FAR_TARGETS, IJBProtocol, format_tar_far_table, identification,  # noqa: E402
                        ijb_meta_paths, image2template_feature, image_features_for_templates, mean_over_galleries,
-                       read_ijb_protocol, select_template_features, tar_at_far, verification)
+                       read_ijb_protocol, select_template_features, tar_at_far, template_rows, verification)
+from utils.quality import template_quality  # noqa: E402
+from utils.quality_report import (identification_report, image_quality_measures,  # noqa: E402
+                                  print_quality_report, verification_report, write_quality_report)
 
 logger = logging.getLogger("validate_IJB_BC")
 
@@ -73,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fusion_arguments(parser, use_flip_default=True)
     parser.add_argument("--output_dir", default=None, help="default: result/<dataset_name>/<model>")
     add_feature_arguments(parser)
+    add_quality_arguments(parser)
     return parser
 
 
@@ -113,6 +125,32 @@ def identification_results(template_feats: np.ndarray, unique_templates: np.ndar
     merged["num_nonmated"] = int((~labels.any(axis=1)).sum())
     rows["merged"] = merged
     return rows
+
+
+def quality_results(feature_set, template_feats: np.ndarray, unique_templates: np.ndarray, protocol: IJBProtocol,
+                    scores: np.ndarray, name: str) -> dict:
+    """``--quality_report``: 1:1 EVRC over template pairs and 1:N rank-1 error against rejected probe
+    templates (per gallery), with template quality from the images' (:func:`utils.quality.template_quality`)."""
+    measures = image_quality_measures(feature_set, name)
+    template_q = {}
+    for measure, image_q in measures.items():
+        templates, q = template_quality(image_q, protocol.templates, protocol.medias)
+        if not np.array_equal(templates, unique_templates):
+            raise AssertionError("template quality and template features disagree on the templates")
+        template_q[measure] = q
+    rows1 = template_rows(unique_templates, protocol.p1, "pair templates")
+    rows2 = template_rows(unique_templates, protocol.p2, "pair templates")
+    report = {f"{name} 1:1": verification_report(scores, protocol.labels, {m: q[rows1] for m, q in template_q.items()},
+                                                 {m: q[rows2] for m, q in template_q.items()})}
+    probe_t, probe_s = protocol.probe
+    probe_feats = select_template_features(template_feats, unique_templates, probe_t)
+    probe_rows = template_rows(unique_templates, probe_t, "probe templates")
+    for gallery, (g_t, g_s) in protocol.galleries.items():
+        g_feats = select_template_features(template_feats, unique_templates, g_t)
+        report[f"{name} 1:N {gallery}"] = identification_report(
+            probe_feats @ g_feats.T, probe_s[:, None] == g_s[None, :],
+            {m: q[probe_rows] for m, q in template_q.items()})
+    return report
 
 
 def format_identification_table(rows: Dict[str, Dict[str, float]]) -> PrettyTable:
@@ -175,8 +213,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
                      f"{100 * id_rows['mean']['TPIR@FPIR=0.01']:.2f}"])
     print(f"\nsummary (gallery mean for 1:N; results in {output_dir}):")
     print(summary)
+    quality = None
+    if args.quality_report:
+        quality = quality_results(feature_set, template_feats, unique_templates, protocol, scores, name)
+        paths = write_quality_report(output_dir, quality, title=f"{label} on {name}: error versus reject")
+        print_quality_report(quality, paths, f"{label} on {name}, feature norm as face quality (template quality "
+                                             f"= mean over media of the media's mean)")
     return {"tar_at_far": tar, "identification": id_rows, "scores": scores, "labels": pair_labels,
-            "output_dir": output_dir, "fusion_method": feature_set.fusion_method}
+            "output_dir": output_dir, "fusion_method": feature_set.fusion_method, "quality": quality}
 
 
 if __name__ == "__main__":
