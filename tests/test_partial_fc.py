@@ -543,7 +543,7 @@ def test_sharded_loss_under_bf16_autocast_is_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             loss = head(e, norms, labels)
         loss.backward()
-        results.append((loss.dtype, float(loss), e.grad.clone(), head.kernel.grad.clone()))
+        results.append((loss.dtype, float(loss.detach()), e.grad.clone(), head.kernel.grad.clone()))
         head.kernel.grad = None
     assert results[1][0] == torch.float32
     assert results[0][1] == results[1][1]
