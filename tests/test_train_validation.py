@@ -56,15 +56,20 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope='module')
 def validated(setup):
     """Lightning's validate on the module and DataModule built from main.py's flags."""
-    root, ckpt, work = setup
+    module, trainer, dm = _build_from_flags(*setup, 'run')
+    trainer.validate(module, datamodule=dm, verbose=False)
+    return module
+
+
+def _build_from_flags(root: Path, ckpt: Path, work: Path, output: str):
+    """The module, trainer and DataModule main.py builds for ``ir_tiny`` started from ``ckpt``."""
     args = get_args(['--data_root', str(root), '--train_data_path', '.', '--val_data_path', '.', '--gpus', '0',
                      '--arch', 'ir_tiny', '--batch_size', str(BATCH), '--num_workers', '0',
-                     '--output_dir', str(work / 'run'), '--start_from_model_statedict', str(ckpt)])
+                     '--output_dir', str(work / output), '--start_from_model_statedict', str(ckpt)])
     dm = DataModule.from_args(args, seed=args.seed, val_set_names=SETS, label_cache_dir=work / 'labels')
     module = main_module.build_module(args, dm)
     trainer = main_module.build_trainer(args, callbacks=[], loggers=[])
-    trainer.validate(module, datamodule=dm, verbose=False)
-    return module
+    return module, trainer, dm
 
 
 def _reference_features(ckpt: Path, images: torch.Tensor):
@@ -134,12 +139,7 @@ def test_logged_metric_names_include_the_published_ones(setup, validated):
             validated.last_results[f'{name}_val_best_threshold'], abs=1e-6)
     assert 'val_acc' in logged and float(logged['epoch']) == 0.0
 
-    args = get_args(['--data_root', str(root), '--train_data_path', '.', '--val_data_path', '.', '--gpus', '0',
-                     '--arch', 'ir_tiny', '--batch_size', str(BATCH), '--num_workers', '0',
-                     '--output_dir', str(work / 'run_test'), '--start_from_model_statedict', str(ckpt)])
-    dm = DataModule.from_args(args, seed=args.seed, val_set_names=SETS, label_cache_dir=work / 'labels')
-    module = main_module.build_module(args, dm)
-    trainer = main_module.build_trainer(args, callbacks=[], loggers=[])
+    module, trainer, dm = _build_from_flags(root, ckpt, work, 'run_test')
     trainer.test(module, datamodule=dm, verbose=False)
     logged = trainer.callback_metrics
     for name in SETS:
