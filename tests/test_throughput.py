@@ -7,7 +7,7 @@ import logging
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import pytorch_lightning as pl
