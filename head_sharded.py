@@ -416,7 +416,7 @@ def gather_columns_to_file(shard: torch.Tensor, classnum: int, group=None, dst: 
         dist.send(shard, group=group, group_dst=dst)
         return None
     rows, item = shard.shape[0], shard.element_size()
-    fd, raw_path = tempfile.mkstemp(dir=directory, prefix="head_columns.", suffix=".raw")
+    fd, raw_path = tempfile.mkstemp(dir=directory, prefix=".head_columns.", suffix=".tmp")  # removed by a later run if killed
     try:
         os.ftruncate(fd, rows * classnum * item)
         for other in range(world):

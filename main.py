@@ -18,6 +18,7 @@ from utils.checkpoint import check_checkpoint_flags, check_resume_classes
 from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
+from utils.files import remove_temporaries
 from utils.report import results_summary
 from utils.resume import EpochEndCheckpoint, StepCheckpoint
 
@@ -166,6 +167,9 @@ def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> 
     trainer = build_trainer(args, callbacks, build_loggers(args))
     if trainer.is_global_zero:
         logger.info("output folder: %s", args.output_dir)
+        # what a killed checkpoint save left (the sharded head's gather files, a partial .ckpt)
+        for folder in {args.output_dir, os.path.dirname(args.resume_from_checkpoint or "") or args.output_dir}:
+            remove_temporaries(folder)
 
     if args.evaluate:
         trainer.test(module, datamodule=data_module)

@@ -305,7 +305,7 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
             out["disk_save_crc32"] = archive.testzip() is None and all(
                 info.CRC for info in archive.infolist())
         del on_disk, written
-        out["raw_files_removed"] = not list(Path(path).parent.glob("head_columns.*.raw"))
+        out["raw_files_removed"] = not list(Path(path).parent.glob(".head_columns.*.tmp"))
     _resume_step(head, layer, opt, groups[4], 4, rank, 3)
     expected = _resume_step(head, layer, opt, groups[4], 4, rank, 4, train=False)
     dist.barrier()
@@ -510,7 +510,7 @@ def test_main_partial_fc_on_two_gloo_processes(pfc_run):
     assert log.count("replicated weights identical on all 2 ranks") == 2
     steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
     assert len(steps) == 2 and steps[0] >= 3, steps
-    assert not list(out.glob("head_columns.*.raw"))           # the gathered files are gone
+    assert not list(out.glob(".head_columns.*.tmp"))           # the gathered files are gone
     ckpt = read_checkpoint(out / "last.ckpt")  # the project's safe loader
     assert ckpt["global_step"] >= 1
     kernel = ckpt["state_dict"]["head.kernel"]
@@ -559,9 +559,16 @@ def test_resume_on_fewer_processes_continues_exactly(pfc_run, tiny_data, tmp_pat
     from utils.checkpoint_io import SafeCheckpointIO
 
     out, _ = pfc_run
+    # what a save killed mid-way leaves beside the checkpoint: removed by the next run, nothing else
+    stale = [out / ".head_columns.k1lled00.tmp", out / ".last.ckpt.k1lled00.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 64)
+    kept = out / "notes.head_columns.tmp"
+    kept.write_text("a user's file")
     rc, log = _run_main(tiny_data, tmp_path / "resumed", "--partial_fc", "--epochs", "2",
                         "--resume_from_checkpoint", str(out / "last.ckpt"), processes=1)
     assert rc == 0, log[-3000:]
+    assert not any(path.exists() for path in stale) and kept.exists()
     assert "random generators of 2 process(es), this run has 1" in log
     assert read_checkpoint(tmp_path / "resumed" / "last.ckpt")["epoch"] == 1
 

@@ -137,7 +137,7 @@ def save_with_deferred_tensors(checkpoint: dict, path: PathLike) -> bool:
         tags[tag] = key
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # utils.files naming
     os.close(fd)
     crc = torch.serialization.get_crc32_options()
     try:
