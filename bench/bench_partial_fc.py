@@ -50,12 +50,17 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
+def proc_kib_field(path: str, field: str) -> int:
+    """Bytes of a ``field:  N kB`` line of a /proc file (0 when absent)."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _available_bytes() -> int:
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def estimate_bytes(impl: str, classes: int, world: int, batch: int, dim: int, rate: float) -> int:

@@ -37,17 +37,13 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from bench_partial_fc import GIB, _peak_rss  # noqa: E402  (the same memory measure)
+from bench_partial_fc import GIB, _peak_rss, proc_kib_field  # noqa: E402  (the same memory measure)
 
 E = 512
 
 
 def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_kib_field("/proc/self/status", "RssAnon")
 
 
 class _AnonPeak:

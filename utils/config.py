@@ -146,8 +146,9 @@ def add_partial_fc_arguments(p: argparse.ArgumentParser) -> None:
                           "--cpu_processes) instead of replicating them: for heads too large for one "
                           "device; same losses and gradients as the replicated head")
     pfc.add_argument("--sample_rate", type=float, default=1.0,
-                     help="with --partial_fc: fraction of each shard's negative classes in each step's "
-                          "softmax (every positive class is kept); 1.0 = all classes")
+                     help="with --partial_fc: fraction of each shard's classes in each step's softmax: "
+                          "each process keeps max(ceil(r x its classes), global batch) of them, every "
+                          "positive class among them; 1.0 = all classes")
     pfc.add_argument("--partial_fc_stats", default="global", choices=("global", "local"),
                      help="with --partial_fc and AdaFace: running norm statistics over the whole global "
                           "batch (global) or over each process's own batch (local, as the published DDP "
