@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.image import MEAN, STD
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def laplacian_variance(images: torch.Tensor) -> torch.Tensor:
     (population) variance over the interior pixels of ``g[i-1,j] + g[i+1,j] + g[i,j-1] + g[i,j+1] -
     4 g[i,j]``, ``g`` the grey level in 0..255 (BT.601 weights). Returns ``(B,)`` float64 on the CPU."""
     x = images.detach().to(torch.float64)
-    pixels = (x * 0.5 + 0.5) * 255.0
+    pixels = (x * STD + MEAN) * 255.0                 # the inverse of utils.image's normalisation
     weights = torch.tensor(_BGR_TO_GREY, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
     g = (pixels * weights).sum(dim=1)
     lap = g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:] - 4 * g[:, 1:-1, 1:-1]
