@@ -19,6 +19,7 @@ from utils.checkpoint_io import SafeCheckpointIO
 from utils.cli import run_cli
 from utils.config import ConfigError, get_args
 from utils.files import remove_temporaries
+from utils.host_memory import keep_freed_host_memory
 from utils.report import results_summary
 from utils.resume import EpochEndCheckpoint, StepCheckpoint
 
@@ -160,6 +161,8 @@ def _run(argv: Optional[Sequence[str]], created: Optional[List[str]] = None) -> 
     args.batch_size = args.batch_size // world
     if world > 1 and args.gpus > 0:
         torch.set_num_threads(1)
+    if args.keep_host_memory and args.gpus == 0:
+        keep_freed_host_memory()   # before the first large allocation; the loader workers inherit it
     data_module, module = build_seeded(args)
 
     callbacks = build_checkpoint_callbacks(args)

@@ -7,7 +7,7 @@
 * ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
-  ``--num_nodes``, ``--cpu_processes``, ``--channels_last`` (on by default), ``--compile``, ``--compile_mode``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
+  ``--num_nodes``, ``--cpu_processes``, ``--channels_last`` (on for GPU training), ``--compile``, ``--compile_mode``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
   ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
 * ``--seed_order published`` seeds after building the model, as the published ``main.py`` does
   (the initial weights then come from torch's per-process random seed, not from ``--seed``);
@@ -90,9 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch_size", default=256, type=int,
                      help="total batch size over all GPUs of all nodes")
     run.add_argument("--accumulate_grad_batches", type=int, default=1)
-    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                     help="run the backbone in channels_last memory format (default; measured faster "
-                          "on the CPU, bench/README.md); --no-channels_last: contiguous NCHW")
+    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the backbone in channels_last memory format; default: on for GPU "
+                          "training (the layout of tensor-core convolutions; untested here), off on the "
+                          "CPU, where the ir_18 / ir_50 training step measured equal or faster in NCHW "
+                          "(bench/README.md)")
+    run.add_argument("--keep_host_memory", action=argparse.BooleanOptionalAction, default=None,
+                     help="CPU training: glibc keeps freed memory for reuse instead of returning and "
+                          "re-faulting it every step (1.1-1.4x faster CPU steps; resident memory stays "
+                          "at its peak, more with --partial_fc's varying block sizes; utils/host_memory.py). "
+                          "Default: on for CPU training without --partial_fc; no effect on GPU training")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the training forward of the backbone and head (one-time "
                           "compilation on the first step; falls back to eager with a warning on failure)")
@@ -195,6 +202,10 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         from utils.demo import apply_demo_settings
         apply_demo_settings(args, parser.parse_args([]))
     args.precision = resolve_precision(args)
+    if args.channels_last is None:
+        args.channels_last = args.gpus > 0
+    if args.keep_host_memory is None:     # the sharded head is for memory: no allocator slack there
+        args.keep_host_memory = args.gpus == 0 and not args.partial_fc
     check_partial_fc_args(args)
     if args.use_16bit and args.precision != "16-mixed":
         raise ConfigError("--use_16bit contradicts --precision " + args.precision)
