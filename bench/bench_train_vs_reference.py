@@ -5,16 +5,23 @@ published parameter groups (weight decay 5e-4 on every parameter but BatchNorm's
 included; momentum 0.9). Variants, all on the same random batch:
 
 * ``reference``: contiguous NCHW backbone and the dense head formulas of ``tests/reference_heads.py``
-  (B x C one-hot matrices, ``acos``/``cos`` over every logit, autograd through the normalisation);
-* ``ours contiguous``: ``train_val.Trainer`` with ``--no-channels_last``;
-* ``ours default``: ``train_val.Trainer`` with the default flags (channels_last);
-* ``ours compiled``: the default flags plus ``--compile`` (timed after its compiling first step).
+  (B x C one-hot matrices, ``acos``/``cos`` over every logit, autograd through the normalisation),
+  in a process with glibc's default allocator, as the published ``main.py`` runs;
+* ``ours NCHW (CPU default)``: ``train_val.Trainer`` with the default flags of CPU training, in a
+  process set up as ``main.py`` sets up CPU training (NCHW; freed host memory kept for reuse,
+  ``utils/host_memory.py``);
+* ``ours channels_last``: the same with ``--channels_last`` (the GPU default);
+* ``ours compiled, chan.last``: ``--channels_last --compile`` (timed after its compiling first step);
+* ``reference, kept memory``: the reference in a process with the allocator setting (what that
+  setting alone gives the published step).
 
-Rounds are interleaved (one step of each variant per round, so all see the same load); the speed-up
-is the median over rounds of ``reference time / variant time``, with the smallest and largest ratio.
-The compilation time of the first compiled step is printed cold (an empty inductor cache, unless
-``--cache_dir`` points at a filled one) and warm (recompiled in the same process after
-``torch._dynamo.reset()``, from the on-disk cache).
+Every variant runs in its own process (its own allocator state, as in a real run), started one
+after the other; a group of them runs at once with a reference of its own (``--groups``: an ir_50
+process holds ~5 GiB). Rounds are interleaved (each process steps in turn, the order rotating from
+round to round, so all see the same load); the speed-up is the median over rounds of ``reference
+time / variant time``, with the smallest and largest ratio. The compiling first step is timed cold
+(an empty inductor cache, unless ``--cache_dir`` points at a filled one) and warm (recompiled in
+the same process after ``torch._dynamo.reset()``, from the on-disk cache).
 
     python bench/bench_train_vs_reference.py --arch ir_18 ir_50 --classes 10000 70722 --rounds 5
 """
@@ -103,68 +110,131 @@ def warm_compile_seconds(arch: str, classes: int, images, labels) -> float:
     return sum(c.seconds or 0.0 for c in (module._train_model, module._train_head))
 
 
+VARIANTS = {  # name: (label, channels_last, compile, keep host memory)
+    "reference": ("reference", False, False, False),
+    "reference_kept": ("reference, kept memory", False, False, True),
+    "contiguous": ("ours NCHW (CPU default)", False, False, True),
+    "channels_last": ("ours channels_last", True, False, True),
+    "compiled": ("ours compiled, chan.last", True, True, True),
+}
+
+
+def _worker(conn, variant: str, arch: str, classes: int, batch_size: int, cache: str) -> None:
+    """One variant in its own process (its own allocator state, as in a real run); steps on request."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile workers
+    _, channels_last, compile, keep = VARIANTS[variant]
+    if keep:  # what main.py does when it trains on the CPU
+        from utils.host_memory import keep_freed_host_memory
+        keep_freed_host_memory()
+    import resource
+    import torch
+    import utils.compile  # noqa: F401  (inductor configured before the first compilation)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch_size, 3, 112, 112, generator=generator)
+    labels = torch.randint(0, classes, (batch_size,), generator=generator)
+    if variant.startswith("reference"):
+        step = reference_step(arch, classes, images, labels)
+    else:
+        step = our_step(arch, classes, images, labels, channels_last, compile)
+    first = step()  # warm-up; the compiled variant compiles here
+    note = ""
+    if compile:
+        module = step.module  # type: ignore[attr-defined]
+        parts = [f"{c.name} {c.seconds:.1f} s" for c in (module._train_model, module._train_head)
+                 if getattr(c, "active", False)]
+        note = f"first compiled step {first:.1f} s ({', '.join(parts) or 'fell back to eager'})"
+    conn.send(note)
+    while True:
+        command = conn.recv()
+        if command == "step":
+            conn.send(step())
+        elif command == "warm_compile":
+            del step
+            conn.send(warm_compile_seconds(arch, classes, images, labels))
+        elif command == "peak_rss":
+            conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # GiB
+        else:
+            return
+
+
+def run_group(variants: List[str], arch: str, classes: int, batch_size: int, rounds: int,
+              cache: str) -> None:
+    """The reference and ``variants``, each in its own process (started one after another, so no
+    warm-up overlaps another's), stepped in interleaved rounds whose order rotates."""
+    import multiprocessing as mp
+    context = mp.get_context("spawn")
+    names = ["reference"] + [v for v in variants if v != "reference"]
+    workers = {}
+    try:
+        for name in names:
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child, name, arch, classes, batch_size, cache))
+            process.start()
+            workers[name] = (process, parent)
+            note = parent.recv()
+            if note:
+                print(note, flush=True)
+        print(f"load average before the rounds: {load_average()}", flush=True)
+        times: Dict[str, List[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                workers[name][1].send("step")
+                times[name].append(workers[name][1].recv())
+        print(f"load average after: {load_average()}")
+        print(f"{'variant':<24} {'median s/step':>13} {'images/s':>9} {'peak RSS GiB':>12} "
+              f"{'x reference (median [min, max])':>34}")
+        for name in names:
+            workers[name][1].send("peak_rss")
+            rss = workers[name][1].recv()
+            values = times[name]
+            median = statistics.median(values)
+            line = f"{VARIANTS[name][0]:<24} {median:13.3f} {batch_size / median:9.2f} {rss:12.2f}"
+            if name != "reference":
+                ratios = [ref / v for ref, v in zip(times["reference"], values)]
+                line += f"   {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
+            print(line, flush=True)
+        if "compiled" in workers:
+            workers["compiled"][1].send("warm_compile")
+            print(f"warm compilation (same process, on-disk cache): {workers['compiled'][1].recv():.1f} s",
+                  flush=True)
+    finally:
+        for process, conn in workers.values():
+            if process.is_alive():
+                try:
+                    conn.send("stop")
+                except OSError:
+                    pass
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["ir_18", "ir_50"])
     parser.add_argument("--classes", nargs="+", type=int, default=[10000, 70722])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", default="reference,contiguous,default,compiled")
+    parser.add_argument("--groups", default="channels_last,contiguous;compiled,reference_kept",
+                        help="variants run together with a reference, groups separated by ';' "
+                             f"(variants: {', '.join(VARIANTS)}); a group's processes are alive at "
+                             "once (an ir_50 process holds ~5 GiB)")
     parser.add_argument("--cache_dir", default="", help="inductor cache (default: a new, empty one)")
     opts = parser.parse_args()
+    groups = [[v.strip() for v in group.split(",") if v.strip()] for group in opts.groups.split(";")]
+    unknown = sorted({v for group in groups for v in group} - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     cache = opts.cache_dir or tempfile.mkdtemp(prefix="inductor_cache_")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile workers
-
     import torch
-    import utils.compile  # noqa: F401  (inductor configured before the first compilation)
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, inductor cache {cache}")
-    wanted = opts.variants.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads per process, inductor cache {cache}")
     for arch in opts.arch:
         for classes in opts.classes:
-            generator = torch.Generator().manual_seed(1)
-            images = torch.randn(opts.batch_size, 3, 112, 112, generator=generator)
-            labels = torch.randint(0, classes, (opts.batch_size,), generator=generator)
-            print(f"\n== {arch}, {classes} classes, batch {opts.batch_size}; load average "
-                  f"{load_average()}", flush=True)
-            steps: Dict[str, Callable[[], float]] = {}
-            if "reference" in wanted:
-                steps["reference"] = reference_step(arch, classes, images, labels)
-            if "contiguous" in wanted:
-                steps["ours contiguous"] = our_step(arch, classes, images, labels, False, False)
-            if "default" in wanted:
-                steps["ours default"] = our_step(arch, classes, images, labels, True, False)
-            compile_note = ""
-            if "compiled" in wanted:
-                steps["ours compiled"] = our_step(arch, classes, images, labels, True, True)
-            for name, step in steps.items():  # warm-up; the compiled variant compiles here
-                seconds = step()
-                if name == "ours compiled":
-                    module = step.module  # type: ignore[attr-defined]
-                    compiled = [c for c in (module._train_model, module._train_head)
-                                if getattr(c, "active", False)]
-                    compile_note = (f"first compiled step {seconds:.1f} s (cold: "
-                                    + ", ".join(f"{c.name} {c.seconds:.1f} s" for c in compiled) + ")")
-                    print(compile_note, flush=True)
-            times: Dict[str, List[float]] = {name: [] for name in steps}
-            names = list(steps)
-            for r in range(opts.rounds):  # the order rotates, so no variant always runs first
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    times[name].append(steps[name]())
-            print(f"load average after: {load_average()}")
-            print(f"{'variant':<16} {'median s/step':>13} {'images/s':>9} {'x reference (median [min, max])':>34}")
-            for name, values in times.items():
-                median = statistics.median(values)
-                line = f"{name:<16} {median:13.3f} {opts.batch_size / median:9.2f}"
-                if "reference" in times and name != "reference":
-                    ratios = [r / v for r, v in zip(times["reference"], values)]
-                    line += f"   {statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]"
-                print(line, flush=True)
-            if "compiled" in wanted:
-                del steps
-                print(f"warm compilation (same process, on-disk cache): "
-                      f"{warm_compile_seconds(arch, classes, images, labels):.1f} s", flush=True)
+            for group in groups:
+                print(f"\n== {arch}, {classes} classes, batch {opts.batch_size}: reference + "
+                      f"{', '.join(group)}; load average {load_average()}", flush=True)
+                run_group(group, arch, classes, opts.batch_size, opts.rounds, cache)
 
 
 if __name__ == "__main__":
