@@ -11,6 +11,9 @@ ranks. Implementations:
 * ``ours``       -- ``head_sharded.py`` (ArcFace margins; the three heads share the same code path);
 * ``replicated`` -- ``head.py``'s ArcFace on every rank + an all-reduce of the kernel gradient (what
   DDP does), the baseline where it fits;
+* ``matmul_floor`` -- only the step's three matrix products at the same sizes (logits = global
+  embeddings x kept kernel columns, their gradients with respect to the embeddings and the kernel),
+  into preallocated buffers: the time no exact implementation of the same softmax can go below;
 * ``arcface_torch`` -- insightface's ``recognition/arcface_torch/partial_fc_v2.py`` with its
   ``CombinedMarginLoss(64, 1.0, 0.5, 0.0)`` (ArcFace), run unchanged but for ``.cuda()`` made a
   no-op; pass ``--insightface`` the folder that holds ``partial_fc_v2.py`` and ``losses.py``.
@@ -70,6 +73,8 @@ def estimate_bytes(impl: str, classes: int, world: int, batch: int, dim: int, ra
     logits = batch * world * kept * 4
     if impl == "ours":
         per_rank = 3 * dim * local * 4 + logits + (2 * dim * kept * 4 if rate < 1 else 0)
+    elif impl == "matmul_floor":
+        per_rank = 2 * dim * kept * 4 + logits
     elif impl == "replicated":
         per_rank = 3 * dim * classes * 4 + 2 * batch * classes * 4 + dim * classes * 4
     else:  # arcface_torch: weight, grad, momentum, normalised copy, backward temporaries
@@ -104,6 +109,23 @@ def _build(impl: str, classes: int, world: int, rank: int, dim: int, rate: float
     return head, head.weight, lambda emb, labels, step: head(emb, labels.clone())
 
 
+def _matmul_floor(classes: int, world: int, rank: int, batch: int, dim: int, rate: float):
+    """The three products of a head step on this rank's kept columns, into preallocated buffers."""
+    local = math.ceil(classes / world)
+    kept = local if rate >= 1 else max(math.ceil(rate * local), batch * world)
+    kernel = torch.randn(dim, kept)
+    logits = torch.empty(batch * world, kept)
+    grad_embeddings = torch.empty(batch * world, dim)
+    grad_kernel = torch.empty(dim, kept)
+
+    def step(emb: torch.Tensor) -> None:
+        embeddings = emb.repeat(world, 1)             # stands for the all-gathered global batch
+        torch.mm(embeddings, kernel, out=logits)
+        torch.mm(logits, kernel.t(), out=grad_embeddings)
+        torch.mm(embeddings.t(), logits, out=grad_kernel)
+    return kernel, step
+
+
 def worker(rank: int, cfg: dict, out_dir: str) -> None:
     world, impl = cfg["world"], cfg["impl"]
     torch.set_num_threads(cfg["threads"])
@@ -118,10 +140,15 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
                        torch.randint(0, cfg["classes"], (batch,), generator=g)))
     before = _peak_rss()
     t0 = time.perf_counter()
-    head, kernel, loss_fn = _build(impl, cfg["classes"], world, rank, dim, cfg["rate"], cfg["exact_init"],
-                                   cfg["insightface"])
+    if impl == "matmul_floor":
+        kernel, floor_step = _matmul_floor(cfg["classes"], world, rank, batch, dim, cfg["rate"])
+    else:
+        head, kernel, loss_fn = _build(impl, cfg["classes"], world, rank, dim, cfg["rate"],
+                                       cfg["exact_init"], cfg["insightface"])
     build_s = time.perf_counter() - t0
-    if impl == "arcface_torch" or cfg.get("torch_sgd"):
+    if impl == "matmul_floor":
+        opt = None
+    elif impl == "arcface_torch" or cfg.get("torch_sgd"):
         opt = torch.optim.SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
     else:  # what training uses: weight decay folded into the gradient in place
         from train_val import SGD
@@ -129,6 +156,9 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
 
     def step(i: int) -> float:
         emb, labels = inputs[i]
+        if opt is None:
+            floor_step(emb)
+            return float("nan")
         emb = emb.clone().requires_grad_(True)
         opt.zero_grad()
         loss = loss_fn(emb, labels, i)
@@ -149,7 +179,7 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
             dist.barrier()
         if i:
             times.append(time.perf_counter() - t0)
-    state = kernel.numel() * kernel.element_size() * 3   # kernel, gradient, momentum
+    state = 0 if impl == "matmul_floor" else kernel.numel() * kernel.element_size() * 3  # kernel, grad, momentum
     result = {"rank": rank, "median_s": statistics.median(times), "min_s": min(times), "build_s": build_s,
               "peak_growth": _peak_rss() - before, "state": state, "loss": loss}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -174,7 +204,7 @@ def main() -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--impl", nargs="+", default=["ours", "replicated", "arcface_torch"],
-                   choices=["ours", "replicated", "arcface_torch"])
+                   choices=["ours", "replicated", "arcface_torch", "matmul_floor"])
     p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--steps", type=int, default=3)
