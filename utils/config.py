@@ -7,7 +7,7 @@
 * ``--weight_decay`` defaults to 5e-4 and is used: the published flag defaulted to 1e-4 but its
   training code ignored it and hard-coded 5e-4, so the default reproduces the published runs;
 * ``--precision`` (32, 16-mixed, bf16-mixed; ``--use_16bit`` means 16-mixed), ``--gpus 0`` for the CPU,
-  ``--num_nodes``, ``--cpu_processes``, ``--channels_last`` (on for GPU training), ``--compile``, ``--compile_mode``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
+  ``--num_nodes``, ``--cpu_processes``, ``--channels_last`` (on for GPU training), ``--keep_host_memory`` (on for CPU training), ``--compile``, ``--compile_mode``, ``--demo``, ``--train_data_subset_path``, ``--skip_corrupt_images``,
   ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
 * ``--seed_order published`` seeds after building the model, as the published ``main.py`` does
   (the initial weights then come from torch's per-process random seed, not from ``--seed``);
