@@ -179,13 +179,21 @@ def margin_input_grads(grad: torch.Tensor, state: _MarginState, grad_target: tor
     if needs_embeddings:
         grad_embeddings = torch.mm(grad, state.kernel.t())
     if needs_kernel:
-        # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
-        col = col / state.s
-        col.index_add_(0, state.labels.reshape(-1),
-                       (grad_target * (state.target_cos - target_logits / state.s)).reshape(-1))
         grad_kernel = torch.mm(state.embeddings.t(), grad)
-        grad_kernel.addcmul_(state.kernel, (col * state.inv_norm).unsqueeze(0), value=-1.0)
+        grad_kernel.addcmul_(state.kernel, kernel_column_scale(state, grad_target, col, target_logits).unsqueeze(0),
+                             value=-1.0)
     return grad_embeddings, grad_kernel
+
+
+def kernel_column_scale(state: _MarginState, grad_target: torch.Tensor, col: torch.Tensor,
+                        target_logits: torch.Tensor) -> torch.Tensor:
+    """``(sum_b G[b, j] * cos[b, j]) / n_j`` per column ``j``: the kernel gradient is
+    ``embeddings^T @ G - kernel * scale`` (see :func:`margin_input_grads`)."""
+    # sum_b G[b, j] * cos[b, j], the cosines read back from the logits (targets from target_cos)
+    col = col / state.s
+    col.index_add_(0, state.labels.reshape(-1),
+                   (grad_target * (state.target_cos - target_logits / state.s)).reshape(-1))
+    return col * state.inv_norm
 
 
 def margin_logits_backward(grad: torch.Tensor, state: _MarginState, needs_embeddings: bool = True,

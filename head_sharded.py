@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels,
-                  margin_grad_rows_, margin_input_grads, margin_logits_forward)
+                  kernel_column_scale, margin_grad_rows_, margin_input_grads, margin_logits_forward)
+from utils.column_sgd import ColumnGradient, add_column_grad, column_grad, materialize_column_grad
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -121,11 +122,25 @@ class _AllGather(torch.autograd.Function):
         return grad[rank * rows:(rank + 1) * rows].contiguous(), None
 
 
+class _KernelGradSink:
+    """Where a deferred kernel gradient goes: ``param`` (the kernel) and the kept columns (``None``: all)."""
+
+    __slots__ = ("param", "index")
+
+    def __init__(self, param: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+        self.param, self.index = param, index
+
+
 class _ShardedMarginLoss(torch.autograd.Function):
-    """Margin logits of this shard + cross-entropy over all shards (mean over the B rows)."""
+    """Margin logits of this shard + cross-entropy over all shards (mean over the B rows). With a
+    ``sink`` the kernel (passed detached) gets its gradient as a :class:`ColumnGradient` kept
+    beside the parameter: ``factored`` (the logits buffer, which the backward overwrites with
+    ``G``, is kept for the optimizer step instead of an E x C_local gradient) or, with sampling,
+    the kept columns' gradient."""
 
     @staticmethod
-    def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group, world):
+    def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group, world,
+                sink=None):
         logits, state = margin_logits_forward(embeddings, kernel, labels, angular, additive, s, eps,
                                               has_target)
         batch = logits.shape[0]
@@ -142,6 +157,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             dist.all_reduce(sums, group=group)                      # sum of exp, target logit
         loss = (sums[0].log() + row_max - sums[1]).mean()
         ctx.state, ctx.row_max, ctx.sum_exp, ctx.has_target = state, row_max, sums[0], has_target
+        ctx.sink = sink
         return loss
 
     @staticmethod
@@ -169,11 +185,23 @@ class _ShardedMarginLoss(torch.autograd.Function):
             col += (grad * logits[block]).sum(0)
             logits[block] = grad
             del grad
-        grad_embeddings, grad_kernel = margin_input_grads(
-            logits, state, torch.cat(targets), col, target_logits,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        ctx.state = None
-        return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None
+        sink, targets = ctx.sink, torch.cat(targets)
+        if sink is None:
+            grad_embeddings, grad_kernel = margin_input_grads(
+                logits, state, targets, col, target_logits, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        elif sink.index is None:                         # the whole shard: keep G, not E x C_local
+            grad_embeddings, _ = margin_input_grads(logits, state, targets, col, target_logits,
+                                                    ctx.needs_input_grad[0], False)
+            scale = kernel_column_scale(state, targets, col, target_logits)
+            add_column_grad(sink.param, ColumnGradient.factored(state.embeddings.detach(), logits, scale))
+            grad_kernel = None
+        else:                                            # the kept columns' gradient (E x K)
+            grad_embeddings, grad_kernel = margin_input_grads(logits, state, targets, col, target_logits,
+                                                              ctx.needs_input_grad[0], True)
+            add_column_grad(sink.param, ColumnGradient.columns(sink.index, grad_kernel))
+            grad_kernel = None
+        ctx.state = ctx.sink = None
+        return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None, None
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -196,13 +224,21 @@ def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
 
 def global_grad_norm(replicated, sharded, group=None) -> torch.Tensor:
     """L2 norm of all gradients: ``replicated`` parameters (equal on every rank, counted once) and
-    ``sharded`` ones (summed over the ranks of ``group``). No host synchronisation."""
+    ``sharded`` ones (``.grad`` and a deferred :class:`~utils.column_sgd.ColumnGradient`, summed
+    over the ranks of ``group``). No host synchronisation."""
     grads = [p.grad for p in replicated if p.grad is not None]
+    sharded = list(sharded)
+    for p in sharded:
+        if p.grad is not None and column_grad(p) is not None:
+            materialize_column_grad(p)   # both kinds at once: their sum is the gradient
     shard_grads = [p.grad for p in sharded if p.grad is not None]
-    device = (grads or shard_grads)[0].device
+    kept = [(p, column_grad(p)) for p in sharded if column_grad(p) is not None]
+    device = (grads or shard_grads or [p for p, _ in kept])[0].device
     sharded_sq = torch.zeros((), device=device)
     for g in shard_grads:
         sharded_sq = sharded_sq + g.float().pow(2).sum()
+    for p, g in kept:                    # a deferred kernel gradient (utils.column_sgd)
+        sharded_sq = sharded_sq + g.square_norm(p.detach())
     world, _ = _world_rank(group)
     if world > 1:
         dist.all_reduce(sharded_sq, group=group)
@@ -272,7 +308,12 @@ def sample_columns(local_labels: torch.Tensor, has_target: torch.Tensor, n_local
 
 class ShardedMarginHead(MarginHead):
     """Mixin that shards a :class:`head.MarginHead` (see the module docstring); put it first in the
-    bases. ``forward(embeddings, norms, labels, step=None)`` returns the loss, not logits."""
+    bases. ``forward(embeddings, norms, labels, step=None)`` returns the loss, not logits.
+
+    ``defer_kernel_grad`` (off by default; training turns it on, see ``train_val.Trainer``): the
+    backward leaves ``kernel.grad`` alone and keeps the kernel's gradient beside it as a
+    :class:`utils.column_sgd.ColumnGradient` (the G buffer at ``sample_rate = 1``, the kept
+    columns' gradient below), which ``train_val.SGD`` consumes: no E x C_local gradient tensor."""
 
     def __init__(self, *args, group=None, stats: str = "global", sample_rate: float = 1.0,
                  seed: int = 0, generator: Optional[torch.Generator] = None, **kwargs) -> None:
@@ -286,6 +327,7 @@ class ShardedMarginHead(MarginHead):
         self._generator = generator
         self._calls = 0
         self.sampled_classes: Optional[torch.Tensor] = None
+        self.defer_kernel_grad = False
         super().__init__(*args, **kwargs)
         self._generator = None
 
@@ -328,7 +370,9 @@ class ShardedMarginHead(MarginHead):
                 angular, additive = self.target_margins(None, batch)
             local_labels = labels - self.start
             has_target = (local_labels >= 0) & (local_labels < self.stop - self.start)
-            kernel = self.kernel
+            defer = self.defer_kernel_grad and torch.is_grad_enabled() and self.kernel.requires_grad
+            kernel = self.kernel.detach() if defer else self.kernel
+            sink = _KernelGradSink(self.kernel) if defer else None
             if self.sample_rate < 1.0:
                 step = self._calls if step is None else step
                 generator = torch.Generator(device=kernel.device)
@@ -336,13 +380,16 @@ class ShardedMarginHead(MarginHead):
                 index = sample_columns(local_labels.clamp(0, self.stop - self.start - 1), has_target,
                                        self.stop - self.start, self.sample_rate, generator)
                 self.sampled_classes = index + self.start          # kept classes (global ids)
-                kernel = _SelectColumns.apply(kernel, index)
+                if defer:
+                    kernel, sink.index = kernel.index_select(1, index), index
+                else:
+                    kernel = _SelectColumns.apply(kernel, index)
                 local_labels = torch.searchsorted(index, local_labels.clamp(0, self.stop - self.start - 1))
                 local_labels = local_labels.clamp_(max=index.shape[0] - 1)
             local_labels = torch.where(has_target, local_labels, torch.zeros_like(local_labels))
             self._calls += 1
             return _ShardedMarginLoss.apply(embeddings, kernel, local_labels, has_target, angular,
-                                            additive, float(self.s), self.eps, self.group, self.world)
+                                            additive, float(self.s), self.eps, self.group, self.world, sink)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", shard=[{self.start}, {self.stop}) of rank {self.rank}/"

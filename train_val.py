@@ -21,6 +21,7 @@ from torch.nn import CrossEntropyLoss
 import head as heads
 import head_sharded
 import net
+from utils import column_sgd
 from utils.checkpoint import load_backbone_weights, read_checkpoint
 from utils.compile import CompiledCall
 from utils.errors import UserError
@@ -70,7 +71,12 @@ class SGD(optim.SGD):
     once); this one writes it into ``param.grad`` (same operation, same values: the updates are
     exactly torch's) and runs torch's step with the decay set to 0. ``param.grad`` then holds the
     decayed gradient after the step. Groups with ``maximize``, ``differentiable``, a tensor weight
-    decay or sparse gradients fall back to torch's own step."""
+    decay or sparse gradients fall back to torch's own step.
+
+    A parameter whose gradient is kept as a :class:`utils.column_sgd.ColumnGradient` (the sharded
+    head's kernel) is stepped by :func:`utils.column_sgd.sgd_step_`: torch's arithmetic with that
+    gradient, without a dense ``param.grad`` (which it is turned into where a group's options need
+    torch's own step, or where ``param.grad`` exists too). ``zero_grad`` clears it as well."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -78,6 +84,15 @@ class SGD(optim.SGD):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fused = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if column_sgd.column_grad(p) is None:
+                    continue
+                if p.grad is not None or not column_sgd.fused_step_supported(group):
+                    column_sgd.materialize_column_grad(p)
+                else:
+                    fused.append((group, p, column_sgd.take_column_grad(p)))
         folded = []
         for group in self.param_groups:
             decay = group["weight_decay"]
@@ -94,7 +109,17 @@ class SGD(optim.SGD):
         finally:
             for group, decay in folded:
                 group["weight_decay"] = decay
+        for group, p, grad in fused:
+            column_sgd.sgd_step_(p, grad, self.state[p], lr=group["lr"], momentum=group["momentum"],
+                                 dampening=group["dampening"], weight_decay=group["weight_decay"],
+                                 nesterov=group["nesterov"])
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                column_sgd.take_column_grad(p)
 
 
 class Trainer(pl.LightningModule):
@@ -209,7 +234,19 @@ class Trainer(pl.LightningModule):
         for found in state.get("found_inf_per_device", {}).values():
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=self._head_group())
 
+    def on_train_start(self) -> None:
+        """``--partial_fc``: the kernel's gradient stays out of ``kernel.grad`` (see
+        :class:`head_sharded.ShardedMarginHead`), except under 16-mixed, whose gradient scaler
+        unscales and checks ``.grad`` tensors only."""
+        if self.partial_fc:
+            precision = str(getattr(self.trainer, "precision", "32"))
+            self.head.defer_kernel_grad = not precision.startswith("16")
+            logger.info("sharded head: kernel gradient %s", "deferred to the optimizer step"
+                        if self.head.defer_kernel_grad else "dense (16-mixed)")
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.partial_fc and gradient_clip_val and gradient_clip_algorithm == "value":
+            column_sgd.materialize_column_grad(self.head.kernel)   # clip_grad_value_ reads .grad
         if not (self.partial_fc and gradient_clip_val) or gradient_clip_algorithm == "value":
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [*self.model.parameters(), self.head.kernel]
@@ -218,6 +255,9 @@ class Trainer(pl.LightningModule):
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
+        kept = column_sgd.column_grad(self.head.kernel)
+        if kept is not None:
+            kept.mul_(coef)
 
     def on_train_end(self) -> None:
         if self.partial_fc and self.head.world > 1:

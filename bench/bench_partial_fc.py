@@ -8,7 +8,11 @@ between barriers (median). Memory: the growth of each rank's peak resident set s
 before the head is built to the end (head state + the step's temporaries), the largest over the
 ranks. Implementations:
 
-* ``ours``       -- ``head_sharded.py`` (ArcFace margins; the three heads share the same code path);
+* ``ours``       -- ``head_sharded.py`` (ArcFace margins; the three heads share the same code path) as
+  training runs it: the kernel's gradient kept as a ``utils.column_sgd.ColumnGradient`` (the G
+  buffer at r = 1, the kept columns' gradient at r < 1) and stepped by ``train_val.SGD``'s fused
+  column step; ``--dense_kernel_grad`` measures the dense ``kernel.grad`` path instead (what
+  16-mixed uses);
 * ``replicated`` -- ``head.py``'s ArcFace on every rank + an all-reduce of the kernel gradient (what
   DDP does), the baseline where it fits;
 * ``matmul_floor`` -- only the step's three matrix products at the same sizes (logits = global
@@ -72,7 +76,7 @@ def estimate_bytes(impl: str, classes: int, world: int, batch: int, dim: int, ra
     kept = local if rate >= 1 else max(math.ceil(rate * local), batch * world)
     logits = batch * world * kept * 4
     if impl == "ours":
-        per_rank = 3 * dim * local * 4 + logits + (2 * dim * kept * 4 if rate < 1 else 0)
+        per_rank = 3 * dim * local * 4 + logits + (2 * dim * kept * 4 if rate < 1 else 0)  # dense path: the most
     elif impl == "matmul_floor":
         per_rank = 2 * dim * kept * 4 + logits
     elif impl == "replicated":
@@ -83,7 +87,7 @@ def estimate_bytes(impl: str, classes: int, world: int, batch: int, dim: int, ra
 
 
 def _build(impl: str, classes: int, world: int, rank: int, dim: int, rate: float, exact_init: bool,
-           insightface: str):
+           insightface: str, defer: bool = True):
     if impl == "ours":
         import head_sharded
         if not exact_init:  # per-shard draw: not the replicated head's stream, same cost per step
@@ -93,6 +97,7 @@ def _build(impl: str, classes: int, world: int, rank: int, dim: int, rate: float
             head_sharded.init_kernel_columns = fast
         head = head_sharded.build_sharded_head("arcface", dim, classes, m=0.5, t_alpha=1.0, h=0.0, s=64.,
                                                sample_rate=rate, seed=0)
+        head.defer_kernel_grad = defer
         return head, head.kernel, lambda emb, labels, step: head(emb, None, labels, step=step)
     if impl == "replicated":
         import head as heads
@@ -138,21 +143,23 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
         g = torch.Generator().manual_seed(1000 * i + rank)
         inputs.append((F.normalize(torch.randn(batch, dim, generator=g)),
                        torch.randint(0, cfg["classes"], (batch,), generator=g)))
+    sgd = torch.optim.SGD
+    if impl != "arcface_torch" and not cfg.get("torch_sgd"):
+        # training's SGD (weight decay folded in place, the fused step for a kept kernel gradient),
+        # imported before the baseline: Lightning's import is not head memory
+        from train_val import SGD as sgd
     before = _peak_rss()
     t0 = time.perf_counter()
     if impl == "matmul_floor":
         kernel, floor_step = _matmul_floor(cfg["classes"], world, rank, batch, dim, cfg["rate"])
     else:
         head, kernel, loss_fn = _build(impl, cfg["classes"], world, rank, dim, cfg["rate"],
-                                       cfg["exact_init"], cfg["insightface"])
+                                       cfg["exact_init"], cfg["insightface"], not cfg["dense_kernel_grad"])
     build_s = time.perf_counter() - t0
     if impl == "matmul_floor":
         opt = None
-    elif impl == "arcface_torch" or cfg.get("torch_sgd"):
-        opt = torch.optim.SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    else:  # what training uses: weight decay folded into the gradient in place
-        from train_val import SGD
-        opt = SGD([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = sgd([kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def step(i: int) -> float:
         emb, labels = inputs[i]
@@ -167,7 +174,7 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
             dist.all_reduce(kernel.grad)
             kernel.grad.div_(world)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     times = []
     for i in range(cfg["steps"] + 1):
@@ -179,7 +186,10 @@ def worker(rank: int, cfg: dict, out_dir: str) -> None:
             dist.barrier()
         if i:
             times.append(time.perf_counter() - t0)
-    state = 0 if impl == "matmul_floor" else kernel.numel() * kernel.element_size() * 3  # kernel, grad, momentum
+    state = 0  # what outlives a step: kernel, momentum, and a dense gradient where one is kept
+    if impl != "matmul_floor":
+        held = [kernel, kernel.grad, opt.state[kernel].get("momentum_buffer")]
+        state = sum(t.numel() * t.element_size() for t in held if t is not None)
     result = {"rank": rank, "median_s": statistics.median(times), "min_s": min(times), "build_s": build_s,
               "peak_growth": _peak_rss() - before, "state": state, "loss": loss}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -214,6 +224,8 @@ def main() -> None:
     p.add_argument("--torch_sgd", action="store_true",
                    help="ours and replicated with torch.optim.SGD (an E x C weight-decay temporary) "
                         "instead of training's train_val.SGD")
+    p.add_argument("--dense_kernel_grad", action="store_true",
+                   help="ours with a dense kernel.grad (the 16-mixed path) instead of the kept column gradient")
     p.add_argument("--insightface", default="", help="folder with partial_fc_v2.py and losses.py")
     p.add_argument("--margin_gib", type=float, default=2.0, help="memory left free when deciding to skip")
     args = p.parse_args()
@@ -231,7 +243,7 @@ def main() -> None:
                         continue
                     cfg = dict(impl=impl, classes=classes, world=world, rate=rate, batch=args.batch,
                                dim=args.dim, steps=args.steps, threads=args.threads, exact_init=args.exact_init,
-                               torch_sgd=args.torch_sgd,
+                               torch_sgd=args.torch_sgd, dense_kernel_grad=args.dense_kernel_grad,
                                insightface=args.insightface)
                     ideal = 3 * classes * args.dim * 4 / world / GIB
                     need = estimate_bytes(impl, classes, world, args.batch, args.dim, rate)

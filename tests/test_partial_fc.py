@@ -26,6 +26,7 @@ from head_sharded import (ShardedCheckpointError, build_sharded_head, gather_col
                           shard_head_checkpoint)
 from utils.checkpoint import read_checkpoint
 from utils.checkpoint_io import SafeCheckpointIO
+from utils.column_sgd import take_column_grad
 
 E, C, C_SAMPLE, PER_RANK, SEED = 16, 23, 203, 3, 11
 HEAD_ARGS = {"adaface": dict(m=0.4, h=0.333, s=64., t_alpha=0.5),
@@ -112,27 +113,39 @@ def _sum_over_ranks(tensors, group) -> None:
         t.copy_(part.view_as(t))
 
 
-def check_sgd(head_type: str, group, world: int, rank: int, steps: int = 20) -> dict:
+def check_sgd(head_type: str, group, world: int, rank: int, steps: int = 20, deferred: bool = False) -> dict:
     """A linear 'backbone' + head trained with SGD (momentum, weight decay) for ``steps`` steps;
-    the sharded side sums the backbone gradient over the ranks (what DDP's mean times W gives)."""
+    the sharded side sums the backbone gradient over the ranks (what DDP's mean times W gives).
+    ``deferred``: the sharded side as training runs it, the kernel's gradient kept as a
+    ``ColumnGradient`` (the G buffer) and stepped by ``train_val.SGD``; its global norm (what
+    clipping uses) is checked too."""
+    from train_val import SGD
+
     ref, sharded = _heads(head_type, C, group)
+    sharded.defer_kernel_grad = deferred
     torch.manual_seed(SEED + 1)
     layer_ref = torch.nn.Linear(8, E)
     layer = copy.deepcopy(layer_ref)
-    opt_ref, opt = _sgd([*layer_ref.parameters(), ref.kernel]), _sgd([*layer.parameters(), sharded.kernel])
+    opt_ref = _sgd([*layer_ref.parameters(), ref.kernel])
+    opt = (SGD if deferred else torch.optim.SGD)([*layer.parameters(), sharded.kernel], lr=0.05, momentum=0.9,
+                                                 weight_decay=5e-4)
+    out = {}
     for step in range(steps):
         _, _, labels, x = _batch(world, 100 + step)
         emb, norms = _embed(layer_ref, x)
         opt_ref.zero_grad()
         F.cross_entropy(ref(emb, norms, labels), labels).backward()
-        opt_ref.step()
         emb, norms = _embed(layer, x[_rows(rank)])
         opt.zero_grad()
         sharded(emb, norms, labels[_rows(rank)]).backward()
+        if deferred:
+            out["no_dense_grad"] = out.get("no_dense_grad", True) and sharded.kernel.grad is None
+            out[f"norm{step}"] = _rel(global_grad_norm([], [sharded.kernel], group), ref.kernel.grad.norm())
+        opt_ref.step()
         if world > 1:
             _sum_over_ranks([p.grad for p in layer.parameters()], group)
         opt.step()
-    out = {"backbone": max(_rel(p, q) for p, q in zip(layer.parameters(), layer_ref.parameters()))}
+    out["backbone"] = max(_rel(p, q) for p, q in zip(layer.parameters(), layer_ref.parameters()))
     kernel_rel = _kernel_rel(sharded.kernel, ref.kernel, group, rank)
     if rank == 0:
         out["kernel"] = kernel_rel
@@ -187,15 +200,24 @@ def check_sampling(group, world: int, rank: int, rate: float = 0.3) -> dict:
     """``sample_rate``: positives kept, the loss is the softmax over the kept classes, and the kept
     classes depend only on (seed, rank, step)."""
     ref, sharded = _heads("arcface", C_SAMPLE, group, sample_rate=rate)
+    _, deferred = _heads("arcface", C_SAMPLE, group, sample_rate=rate)   # as training runs it
+    deferred.defer_kernel_grad = True
     start, stop = shard_bounds(C_SAMPLE, world, rank)
     n_local = stop - start
-    out = {"positives_kept": True, "count_ok": True, "loss": 0.0, "emb_grad": 0.0, "kernel_grad": 0.0}
+    out = {"positives_kept": True, "count_ok": True, "loss": 0.0, "emb_grad": 0.0, "kernel_grad": 0.0,
+           "deferred_equal": True}
     kept_at = {}
     for step in (5, 6):
         emb, norms, labels, _ = _batch(world, step, C_SAMPLE)
         e = emb[_rows(rank)].clone().requires_grad_(True)
         loss = sharded(e, norms[_rows(rank)], labels[_rows(rank)], step=step)
         loss.backward()
+        e_deferred = emb[_rows(rank)].clone().requires_grad_(True)
+        deferred(e_deferred, norms[_rows(rank)], labels[_rows(rank)], step=step).backward()
+        kept_grad = take_column_grad(deferred.kernel)     # the kept columns' gradient only
+        out["deferred_equal"] &= (deferred.kernel.grad is None and kept_grad.index.numel() < n_local
+                                  and torch.equal(kept_grad.to_dense(deferred.kernel.detach()), sharded.kernel.grad)
+                                  and torch.equal(e_deferred.grad, e.grad))
         mine = sharded.sampled_classes.clone()
         kept_at[step] = mine
         out["count_ok"] &= mine.numel() == min(n_local, max(math.ceil(rate * n_local), emb.shape[0]))
@@ -232,6 +254,7 @@ def run_checks(group, world: int, rank: int) -> dict:
     for head_type in HEAD_TYPES:
         results[f"grad/{head_type}"] = check_gradients(head_type, group, world, rank)
         results[f"sgd/{head_type}"] = check_sgd(head_type, group, world, rank)
+        results[f"sgd_deferred/{head_type}"] = check_sgd(head_type, group, world, rank, deferred=True)
     results["local_stats"] = check_local_stats(group, world, rank)
     results["sampling"] = check_sampling(group, world, rank)
     return results
@@ -366,7 +389,8 @@ def _assert_results(per_rank_checks, name):
                 assert value <= TOL, f"{name}: {metric} relative error {value:.2e} on rank {rank}"
 
 
-CHECKS = [f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES] + ["local_stats", "sampling"]
+CHECKS = ([f"grad/{h}" for h in HEAD_TYPES] + [f"sgd/{h}" for h in HEAD_TYPES]
+          + [f"sgd_deferred/{h}" for h in HEAD_TYPES] + ["local_stats", "sampling"])
 
 
 def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
@@ -381,8 +405,8 @@ def test_single_process_without_distributed(name):
     head_type = name.split("/")[-1]
     if name.startswith("grad/"):
         checks = {name: check_gradients(head_type, None, 1, 0)}
-    elif name.startswith("sgd/"):
-        checks = {name: check_sgd(head_type, None, 1, 0)}
+    elif name.startswith("sgd"):
+        checks = {name: check_sgd(head_type, None, 1, 0, deferred=name.startswith("sgd_deferred/"))}
     elif name == "local_stats":
         checks = {name: check_local_stats(None, 1, 0)}
     else:
@@ -509,6 +533,7 @@ def test_main_partial_fc_on_two_gloo_processes(pfc_run):
     assert "classes [0, 3) of 6 on rank 0 of 2" in log and "classes [3, 6) of 6 on rank 1 of 2" in log
     assert log.count("replicated weights identical on all 2 ranks") == 2
     assert "host allocator: freed memory is kept" not in log   # not with the memory-saving sharded head
+    assert log.count("sharded head: kernel gradient deferred to the optimizer step") == 2
     steps = [int(m) for m in re.findall(r"backbone identical on all 2 ranks after (\d+) steps", log)]
     assert len(steps) == 2 and steps[0] >= 3, steps
     assert not list(out.glob(".head_columns.*.tmp"))           # the gathered files are gone
@@ -612,7 +637,9 @@ def test_gradient_accumulation_equals_the_replicated_head(tmp_path_factory):
     included: equal to float32 precision. Excepted: the biases of the BatchNorms that end a residual
     branch or a shortcut, whose output only feeds further BatchNorms: their true gradient is zero,
     both runs hold round-off (1e-7 of the largest gradient) there. A wrongly scaled accumulation
-    would be off by 50-100 % everywhere. The AdaFace statistics agree bit for bit."""
+    would be off by 50-100 % everywhere. The AdaFace statistics agree bit for bit. Then both again
+    with ``--gradient_clip_val`` small enough to clip: the sharded run's global norm includes the
+    kernel's kept gradient (which clipping must scale too), so the clipped states agree as well."""
     from utils.demo_data import generate_demo_data
 
     data = tmp_path_factory.mktemp("accumulation") / "data"
@@ -620,11 +647,24 @@ def test_gradient_accumulation_equals_the_replicated_head(tmp_path_factory):
                        show_progress=False)
     out = tmp_path_factory.mktemp("accumulation_runs")
     checkpoints = {}
-    for mode, extra in (("replicated", ()), ("sharded", ("--partial_fc", "--partial_fc_stats", "local"))):
+    clip = ("--gradient_clip_val", "0.5")
+    for mode, extra in (("replicated", ()), ("sharded", ("--partial_fc", "--partial_fc_stats", "local")),
+                        ("replicated_clipped", clip),
+                        ("sharded_clipped", ("--partial_fc", "--partial_fc_stats", "local", *clip))):
         rc, log = _run_main(data, out / mode, "--accumulate_grad_batches", "2", *extra)
         assert rc == 0, log[-3000:]
         checkpoints[mode] = read_checkpoint(out / mode / "last.ckpt")
-    sharded, replicated = checkpoints["sharded"], checkpoints["replicated"]
+    index = _kernel_index()
+    kernel_momentum = [checkpoints[m]["optimizer_states"][0]["state"][index]["momentum_buffer"]
+                       for m in ("replicated", "replicated_clipped")]
+    change = float((kernel_momentum[0] - kernel_momentum[1]).norm() / kernel_momentum[0].norm())
+    assert change > 0.1, change                 # the clip value does clip
+    for suffix in ("", "_clipped"):
+        _assert_same_first_step(checkpoints["sharded" + suffix], checkpoints["replicated" + suffix])
+
+
+def _assert_same_first_step(sharded: dict, replicated: dict) -> None:
+    """The sharded and replicated runs' checkpoints after one step: statistics, momentum buffers."""
     assert sharded["global_step"] == replicated["global_step"] == 1
     for key in ("head.batch_mean", "head.batch_std"):
         assert torch.equal(sharded["state_dict"][key], replicated["state_dict"][key]), key

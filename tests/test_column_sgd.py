@@ -1,0 +1,126 @@
+"""utils/column_sgd.py: the kept kernel gradient of the sharded head and its fused SGD step,
+against torch.optim.SGD with the same gradient as a dense tensor (zeros where none is given)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import utils.column_sgd as column_sgd
+from utils.column_sgd import ColumnGradient, add_column_grad, column_grad, sgd_step_, take_column_grad
+
+E, C, B = 16, 1000, 5
+OPTIONS = {"momentum": dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=5e-4),
+           "dampening": dict(momentum=0.9, dampening=0.1, nesterov=False, weight_decay=5e-4),
+           "nesterov": dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=5e-4),
+           "no_momentum": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=5e-4),
+           "no_decay": dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 4 KiB: the tiny tensors here are stepped in many row and column blocks."""
+    monkeypatch.setattr(column_sgd, "_CPU_BLOCK_BYTES", 4096)
+
+
+def _gradient(form: str, param: torch.Tensor, seed: int):
+    """A ColumnGradient of ``form`` and the same gradient as a dense tensor."""
+    g = torch.Generator().manual_seed(seed)
+    if form == "columns":
+        index = torch.randperm(C, generator=g)[:97].sort().values
+        values = torch.randn(E, 97, generator=g)
+        return ColumnGradient.columns(index, values.clone()), torch.zeros(E, C).index_copy_(1, index, values)
+    if form == "dense":
+        values = torch.randn(E, C, generator=g)
+        return ColumnGradient.columns(None, values.clone()), values
+    embeddings, grad_logits = torch.randn(B, E, generator=g), torch.randn(B, C, generator=g)
+    scale = torch.randn(C, generator=g)
+    dense = torch.mm(embeddings.t(), grad_logits).addcmul_(param.detach(), scale.unsqueeze(0), value=-1.0)
+    return ColumnGradient.factored(embeddings, grad_logits, scale), dense
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, form: str) -> None:
+    if form == "factored":   # blockwise products: BLAS may round a block differently from the whole
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:                    # the same elementwise operations in the same order: bit for bit
+        assert torch.equal(got, want), float((got - want).abs().max())
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+@pytest.mark.parametrize("form", ["columns", "dense", "factored"])
+def test_fused_step_equals_torch_sgd(form, options):
+    """Five steps (the first creates the momentum buffer) and a learning-rate change."""
+    opts = OPTIONS[options]
+    initial = torch.randn(E, C, generator=torch.Generator().manual_seed(99))
+    ref, ours = torch.nn.Parameter(initial.clone()), torch.nn.Parameter(initial.clone())
+    opt = torch.optim.SGD([ref], lr=0.1, **opts)
+    state: dict = {}
+    for step in range(5):
+        lr = 0.1 if step < 3 else 0.01
+        opt.param_groups[0]["lr"] = lr
+        grad, dense = _gradient(form, ref, seed=step)
+        ref.grad = dense
+        opt.step()
+        sgd_step_(ours, grad, state, lr=lr, **opts)
+        _assert_same(ours.detach(), ref.detach(), form)
+        if opts["momentum"]:
+            _assert_same(state["momentum_buffer"], opt.state[ref]["momentum_buffer"], form)
+        else:
+            assert "momentum_buffer" not in state
+    assert not torch.equal(ours.detach(), initial)
+
+
+@pytest.mark.parametrize("first,second", [("columns", "columns"), ("columns", "dense"), ("dense", "columns"),
+                                          ("factored", "columns"), ("columns", "factored"),
+                                          ("factored", "factored")])
+def test_accumulation_equals_the_sum(first, second):
+    """Two micro-batches' gradients kept for one parameter add up as autograd's ``grad += new`` would."""
+    param = torch.nn.Parameter(torch.randn(E, C))
+    grad1, dense1 = _gradient(first, param, seed=1)
+    grad2, dense2 = _gradient(second, param, seed=2)
+    add_column_grad(param, grad1)
+    add_column_grad(param, grad2)
+    kept = take_column_grad(param)
+    assert column_grad(param) is None and param.grad is None
+    _assert_same(kept.to_dense(param.detach()), dense1 + dense2,
+                 "factored" if "factored" in (first, second) else "columns")
+    if first == second == "columns":      # overlapping columns merged into one sorted set
+        assert kept.index is not None and torch.equal(kept.index, kept.index.unique())
+        assert kept.index.numel() == int((dense1 + dense2).abs().sum(0).gt(0).sum())
+
+
+@pytest.mark.parametrize("form", ["columns", "dense", "factored"])
+def test_norm_and_scaling_for_clipping(form):
+    param = torch.nn.Parameter(torch.randn(E, C))
+    grad, dense = _gradient(form, param, seed=3)
+    torch.testing.assert_close(grad.square_norm(param.detach()), dense.pow(2).sum(), rtol=1e-5, atol=0)
+    grad.mul_(torch.tensor(0.25))
+    _assert_same(grad.to_dense(param.detach()), dense * 0.25, "factored" if form == "factored" else "columns")
+
+
+def test_training_sgd_steps_kept_gradients_and_falls_back_where_needed():
+    """train_val.SGD: a kept gradient is stepped as torch steps the dense one; zero_grad clears it;
+    with a dense ``.grad`` present too, or a group option the fused step lacks (``maximize``), it
+    becomes ``.grad`` and torch's step runs."""
+    from train_val import SGD
+
+    for maximize, with_dense in ((False, False), (False, True), (True, False)):
+        initial = torch.randn(E, C)
+        ref, ours = torch.nn.Parameter(initial.clone()), torch.nn.Parameter(initial.clone())
+        opt_ref = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=5e-4, maximize=maximize)
+        opt = SGD([ours], lr=0.1, momentum=0.9, weight_decay=5e-4, maximize=maximize)
+        for step in range(3):
+            grad, dense = _gradient("columns", ref, seed=10 + step)
+            extra = torch.randn(E, C) if with_dense else torch.zeros(E, C)
+            ref.grad = dense + extra
+            opt_ref.step()
+            opt.zero_grad()
+            add_column_grad(ours, grad)
+            if with_dense:
+                ours.grad = extra.clone()
+            opt.step()
+            assert column_grad(ours) is None
+            torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+        add_column_grad(ours, _gradient("columns", ref, seed=0)[0])
+        opt.zero_grad()
+        assert column_grad(ours) is None
+    assert set(opt.state[ours]) == {"momentum_buffer"} and opt.state[ours]["momentum_buffer"].shape == (E, C)
