@@ -125,10 +125,18 @@ def margin_logits_forward(embeddings: torch.Tensor, kernel: torch.Tensor, labels
     ``has_target`` (B x 1 bool, optional): rows whose class is not among ``kernel``'s columns (a
     shard of the class centres) have ``False``; their ``labels`` entry is any valid column, which
     then gets the non-target rule (clamped cosine, derivative 1 inside the clamp).
+
+    ``kernel`` is an E x C tensor, or an object that reads some columns of one in place: its
+    ``logits_and_inv_norm(embeddings)`` returns ``(embeddings @ columns, 1 / column norms)`` and its
+    ``times_transpose(grad)`` ``grad @ columns^T`` (the backward's embedding gradient; no kernel
+    gradient is computed for it).
     """
-    inv_norm = column_norms(kernel).reciprocal_()
+    if isinstance(kernel, torch.Tensor):
+        inv_norm = column_norms(kernel).reciprocal_()
+        logits = torch.mm(embeddings, kernel)
+    else:  # some columns of a larger kernel, read in place (head_sharded's kept columns)
+        logits, inv_norm = kernel.logits_and_inv_norm(embeddings)
     bound = (1.0 - eps) * s
-    logits = torch.mm(embeddings, kernel)
     logits.mul_(inv_norm * s)                                  # s * cos, one pass
     raw_target = logits.gather(1, labels).div_(s)
     if _cuda_branch(logits):  # a clamp pass is cheap there; reading min/max back would synchronise
@@ -177,7 +185,9 @@ def margin_input_grads(grad: torch.Tensor, state: _MarginState, grad_target: tor
     the logits with ``G`` (the sharded head) accumulates row block by row block."""
     grad_embeddings = grad_kernel = None
     if needs_embeddings:
-        grad_embeddings = torch.mm(grad, state.kernel.t())
+        kernel = state.kernel
+        grad_embeddings = (torch.mm(grad, kernel.t()) if isinstance(kernel, torch.Tensor)
+                           else kernel.times_transpose(grad))
     if needs_kernel:
         grad_kernel = torch.mm(state.embeddings.t(), grad)
         grad_kernel.addcmul_(state.kernel, kernel_column_scale(state, grad_target, col, target_logits).unsqueeze(0),

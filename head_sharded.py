@@ -39,15 +39,17 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels,
+from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels, column_norms,
                   kernel_column_scale, margin_grad_rows_, margin_input_grads, margin_logits_forward)
-from utils.column_sgd import ColumnGradient, add_column_grad, column_grad, materialize_column_grad
+from utils.column_sgd import (ColumnGradient, add_column_grad, column_grad, materialize_column_grad,
+                              select_columns)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 STATS_MODES = ("global", "local")
-_CHUNK_ELEMENTS = 1 << 22     # exp() temporaries of the forward: at most this many floats at a time
+_CHUNK_ELEMENTS = 1 << 20     # exp() temporaries of the forward, gathered kept columns: floats at a time
+_GATHER_ROWS = 8              # kernel rows gathered at a time for G @ columns^T: at least
 
 
 def shard_bounds(classnum: int, world: int, rank: int) -> Tuple[int, int]:
@@ -122,6 +124,34 @@ class _AllGather(torch.autograd.Function):
         return grad[rank * rows:(rank + 1) * rows].contiguous(), None
 
 
+class _KeptColumns:
+    """Columns ``index`` of ``kernel`` (E x C_local) as :func:`head.margin_logits_forward` reads
+    them, without an E x K copy: the logits and column norms in chunks of columns, the
+    embeddings' gradient ``G @ columns^T`` in groups of rows (each gathered, then dropped)."""
+
+    def __init__(self, kernel: torch.Tensor, index: torch.Tensor) -> None:
+        self.kernel, self.index = kernel, index
+
+    def logits_and_inv_norm(self, embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        kept = self.index.shape[0]
+        logits = embeddings.new_empty(embeddings.shape[0], kept)
+        inv_norm = embeddings.new_empty(kept)
+        width = max(1, _CHUNK_ELEMENTS // max(1, self.kernel.shape[0]))
+        for start in range(0, kept, width):
+            columns = select_columns(self.kernel, self.index[start:start + width])
+            inv_norm[start:start + width] = column_norms(columns)
+            logits[:, start:start + width] = torch.mm(embeddings, columns)
+        return logits, inv_norm.reciprocal_()
+
+    def times_transpose(self, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.new_empty(grad.shape[0], self.kernel.shape[0])
+        height = max(_GATHER_ROWS, _CHUNK_ELEMENTS // max(1, self.index.shape[0]))
+        for start in range(0, self.kernel.shape[0], height):
+            rows = select_columns(self.kernel[start:start + height], self.index)
+            out[:, start:start + height] = torch.mm(grad, rows.t())
+        return out
+
+
 class _KernelGradSink:
     """Where a deferred kernel gradient goes: ``param`` (the kernel) and the kept columns (``None``: all)."""
 
@@ -189,17 +219,12 @@ class _ShardedMarginLoss(torch.autograd.Function):
         if sink is None:
             grad_embeddings, grad_kernel = margin_input_grads(
                 logits, state, targets, col, target_logits, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        elif sink.index is None:                         # the whole shard: keep G, not E x C_local
-            grad_embeddings, _ = margin_input_grads(logits, state, targets, col, target_logits,
-                                                    ctx.needs_input_grad[0], False)
-            scale = kernel_column_scale(state, targets, col, target_logits)
-            add_column_grad(sink.param, ColumnGradient.factored(state.embeddings.detach(), logits, scale))
-            grad_kernel = None
-        else:                                            # the kept columns' gradient (E x K)
+        else:                 # keep G (the logits buffer) and one value per column, not E x K
             grad_embeddings, grad_kernel = margin_input_grads(logits, state, targets, col, target_logits,
-                                                              ctx.needs_input_grad[0], True)
-            add_column_grad(sink.param, ColumnGradient.columns(sink.index, grad_kernel))
-            grad_kernel = None
+                                                              ctx.needs_input_grad[0], False)
+            scale = kernel_column_scale(state, targets, col, target_logits)
+            add_column_grad(sink.param, ColumnGradient.factored(state.embeddings.detach(), logits, scale,
+                                                                sink.index))
         ctx.state = ctx.sink = None
         return grad_embeddings, grad_kernel, None, None, None, None, None, None, None, None, None
 
@@ -381,7 +406,7 @@ class ShardedMarginHead(MarginHead):
                                        self.stop - self.start, self.sample_rate, generator)
                 self.sampled_classes = index + self.start          # kept classes (global ids)
                 if defer:
-                    kernel, sink.index = kernel.index_select(1, index), index
+                    kernel, sink.index = _KeptColumns(kernel, index), index
                 else:
                     kernel = _SelectColumns.apply(kernel, index)
                 local_labels = torch.searchsorted(index, local_labels.clamp(0, self.stop - self.start - 1))

@@ -32,21 +32,28 @@ def _gradient(form: str, param: torch.Tensor, seed: int):
     if form == "dense":
         values = torch.randn(E, C, generator=g)
         return ColumnGradient.columns(None, values.clone()), values
-    embeddings, grad_logits = torch.randn(B, E, generator=g), torch.randn(B, C, generator=g)
-    scale = torch.randn(C, generator=g)
-    dense = torch.mm(embeddings.t(), grad_logits).addcmul_(param.detach(), scale.unsqueeze(0), value=-1.0)
-    return ColumnGradient.factored(embeddings, grad_logits, scale), dense
+    index = torch.randperm(C, generator=g)[:97].sort().values if form == "kept" else None
+    width = C if index is None else index.numel()
+    embeddings, grad_logits = torch.randn(B, E, generator=g), torch.randn(B, width, generator=g)
+    scale = torch.randn(width, generator=g)
+    columns = param.detach() if index is None else param.detach()[:, index]
+    values = torch.mm(embeddings.t(), grad_logits).addcmul_(columns, scale.unsqueeze(0), value=-1.0)
+    dense = values if index is None else torch.zeros(E, C).index_copy_(1, index, values)
+    return ColumnGradient.factored(embeddings, grad_logits, scale, index), dense
+
+
+FORMS = ["columns", "dense", "factored", "kept"]   # kept: factored, some columns only
 
 
 def _assert_same(got: torch.Tensor, want: torch.Tensor, form: str) -> None:
-    if form == "factored":   # blockwise products: BLAS may round a block differently from the whole
+    if form in ("factored", "kept"):   # blockwise products: BLAS may round a block differently from the whole
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     else:                    # the same elementwise operations in the same order: bit for bit
         assert torch.equal(got, want), float((got - want).abs().max())
 
 
 @pytest.mark.parametrize("options", sorted(OPTIONS))
-@pytest.mark.parametrize("form", ["columns", "dense", "factored"])
+@pytest.mark.parametrize("form", FORMS)
 def test_fused_step_equals_torch_sgd(form, options):
     """Five steps (the first creates the momentum buffer) and a learning-rate change."""
     opts = OPTIONS[options]
@@ -71,7 +78,7 @@ def test_fused_step_equals_torch_sgd(form, options):
 
 @pytest.mark.parametrize("first,second", [("columns", "columns"), ("columns", "dense"), ("dense", "columns"),
                                           ("factored", "columns"), ("columns", "factored"),
-                                          ("factored", "factored")])
+                                          ("factored", "factored"), ("kept", "kept"), ("kept", "factored")])
 def test_accumulation_equals_the_sum(first, second):
     """Two micro-batches' gradients kept for one parameter add up as autograd's ``grad += new`` would."""
     param = torch.nn.Parameter(torch.randn(E, C))
@@ -82,19 +89,19 @@ def test_accumulation_equals_the_sum(first, second):
     kept = take_column_grad(param)
     assert column_grad(param) is None and param.grad is None
     _assert_same(kept.to_dense(param.detach()), dense1 + dense2,
-                 "factored" if "factored" in (first, second) else "columns")
-    if first == second == "columns":      # overlapping columns merged into one sorted set
+                 "factored" if {"factored", "kept"} & {first, second} else "columns")
+    if first == second and first in ("columns", "kept"):   # overlapping columns: one sorted set
         assert kept.index is not None and torch.equal(kept.index, kept.index.unique())
         assert kept.index.numel() == int((dense1 + dense2).abs().sum(0).gt(0).sum())
 
 
-@pytest.mark.parametrize("form", ["columns", "dense", "factored"])
+@pytest.mark.parametrize("form", FORMS)
 def test_norm_and_scaling_for_clipping(form):
     param = torch.nn.Parameter(torch.randn(E, C))
     grad, dense = _gradient(form, param, seed=3)
     torch.testing.assert_close(grad.square_norm(param.detach()), dense.pow(2).sum(), rtol=1e-5, atol=0)
     grad.mul_(torch.tensor(0.25))
-    _assert_same(grad.to_dense(param.detach()), dense * 0.25, "factored" if form == "factored" else "columns")
+    _assert_same(grad.to_dense(param.detach()), dense * 0.25, form)
 
 
 def test_training_sgd_steps_kept_gradients_and_falls_back_where_needed():

@@ -447,6 +447,30 @@ def test_sample_columns_keeps_positives_even_when_they_fill_the_budget():
     assert kept.numel() == 20 and torch.equal(kept, labels.reshape(-1))
 
 
+def test_kept_columns_are_read_in_chunks_as_from_a_copy(monkeypatch):
+    """Training's sampled head (deferred kernel gradient) reads the kept columns in place, 7
+    columns and 5 rows at a time here: loss, embedding gradient and kernel gradient equal the
+    path that copies the kept columns (E x K) and has autograd give a dense gradient."""
+    import head_sharded
+
+    monkeypatch.setattr(head_sharded, "_CHUNK_ELEMENTS", 7 * E)
+    monkeypatch.setattr(head_sharded, "_GATHER_ROWS", 5)
+    results = []
+    for defer in (False, True):
+        _, head = _heads("adaface", C_SAMPLE, None, sample_rate=0.2)
+        head.defer_kernel_grad = defer
+        emb, norms, labels, _ = _batch(2, 7, C_SAMPLE)
+        e = emb.clone().requires_grad_(True)
+        loss = head(e, norms, labels, step=3)
+        loss.backward()
+        grad = take_column_grad(head.kernel).to_dense(head.kernel.detach()) if defer else head.kernel.grad
+        assert (head.kernel.grad is None) == defer
+        results.append((loss.detach(), e.grad, grad, head.sampled_classes.numel()))
+    assert results[0][3] == results[1][3] > 7 * 3           # several chunks of kept columns
+    for want, got in zip(results[0][:3], results[1][:3]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad, match", [([0, C], r"\[0, 23\)"), ([-1, 2], r"\[0, 23\)"),
                                         ([0.0, 1.0], "integer class indices")])
 def test_bad_labels_are_rejected(bad, match):

@@ -32,10 +32,12 @@ import torch
 _ATTR = "_column_grad"
 _CPU_BLOCK_BYTES = 1 << 20        # one block of a tensor: ~1 MiB, so a block's three tensors stay in cache
 _DEVICE_BLOCK_BYTES = 1 << 26     # on a GPU bandwidth is not the issue: few, large blocks
+_GROUP_ROWS = 8                   # rows of a factored gradient computed by one product: at least these,
+_GROUP_BYTES = 1 << 22            # or as many as fill 4 MiB of the given columns
 
 
 class ColumnGradient:
-    """The gradient of an E x C parameter in one of three forms (see the module docstring)."""
+    """The gradient of an E x C parameter in one of the forms of the module docstring."""
 
     __slots__ = ("index", "values", "embeddings", "grad_logits", "scale")
 
@@ -51,10 +53,11 @@ class ColumnGradient:
         return cls(index=index, values=values)
 
     @classmethod
-    def factored(cls, embeddings: torch.Tensor, grad_logits: torch.Tensor,
-                 scale: torch.Tensor) -> "ColumnGradient":
-        """``embeddings^T @ grad_logits - param * scale`` (B x E, B x C, C), evaluated at the step."""
-        return cls(embeddings=embeddings, grad_logits=grad_logits, scale=scale)
+    def factored(cls, embeddings: torch.Tensor, grad_logits: torch.Tensor, scale: torch.Tensor,
+                 index: Optional[torch.Tensor] = None) -> "ColumnGradient":
+        """Columns ``index`` (``None``: all) have gradient ``embeddings^T @ grad_logits - param[:, index]
+        * scale`` (B x E, B x K, K), evaluated at the step; the others none."""
+        return cls(index=index, embeddings=embeddings, grad_logits=grad_logits, scale=scale)
 
     @property
     def is_factored(self) -> bool:
@@ -62,28 +65,50 @@ class ColumnGradient:
 
     def block(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """The gradient of columns ``[start, stop)`` as a new E x (stop - start) tensor
-        (``factored`` or ``dense`` only)."""
+        (only where every column has one: ``index`` is ``None``)."""
         if self.is_factored:
             out = torch.mm(self.embeddings.t(), self.grad_logits[:, start:stop])
             return out.addcmul_(param[:, start:stop], self.scale[start:stop].unsqueeze(0), value=-1.0)
         return self.values[:, start:stop].clone()
 
+    def rows(self, param: torch.Tensor, start: int, stop: int,
+             columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of the given columns' gradient ((stop - start) x K; a view for
+        ``columns``); ``columns``: ``param[start:stop, index]`` if the caller has it already."""
+        if not self.is_factored:
+            return self.values[start:stop]
+        if columns is None:
+            columns = select_columns(param[start:stop], self.index)
+        out = torch.mm(self.embeddings.t()[start:stop], self.grad_logits)
+        return out.addcmul_(columns, self.scale.unsqueeze(0), value=-1.0)
+
+    def explicit(self, param: torch.Tensor) -> "ColumnGradient":
+        """The same gradient as ``columns`` (its values computed at ``param``)."""
+        if not self.is_factored:
+            return self
+        if self.index is None:
+            return ColumnGradient.columns(None, self.block(param, 0, param.shape[1]))
+        return ColumnGradient.columns(self.index, self.rows(param, 0, param.shape[0]))
+
     def to_dense(self, param: torch.Tensor) -> torch.Tensor:
         """The whole gradient as one E x C tensor (evaluated at ``param``'s current values)."""
-        if self.is_factored:
-            out = torch.mm(self.embeddings.t(), self.grad_logits)
-            return out.addcmul_(param, self.scale.unsqueeze(0), value=-1.0)
-        if self.index is None:
-            return self.values
-        return torch.zeros_like(param).index_copy_(1, self.index, self.values)
+        grad = self.explicit(param)
+        if grad.index is None:
+            return grad.values
+        return torch.zeros_like(param).index_copy_(1, grad.index, grad.values)
 
     def square_norm(self, param: torch.Tensor) -> torch.Tensor:
-        """Sum of squares (float32, a tensor: no host synchronisation)."""
+        """Sum of squares (float32, a tensor: no host synchronisation); a ``factored`` gradient
+        is evaluated block by block, never whole."""
         if not self.is_factored:
             return self.values.float().pow(2).sum()
         total = torch.zeros((), dtype=torch.float32, device=param.device)
-        for start, stop in _blocks(param):
-            total = total + self.block(param, start, stop).float().pow(2).sum()
+        if self.index is None:
+            for start, stop in _blocks(param):
+                total = total + self.block(param, start, stop).float().pow(2).sum()
+        else:
+            for start, stop in _row_groups(param, self.index.numel()):
+                total = total + self.rows(param, start, stop).float().pow(2).sum()
         return total
 
     def mul_(self, factor) -> "ColumnGradient":
@@ -99,10 +124,8 @@ class ColumnGradient:
         """Accumulate ``other`` (gradient accumulation over micro-batches): ``self + other`` with
         the values that autograd's ``grad += new`` would give. A ``factored`` operand is first
         evaluated at ``param`` (the weights do not change between micro-batches)."""
-        if self.is_factored:
-            self.__init__(index=None, values=self.to_dense(param))
-        if other.is_factored:
-            other = ColumnGradient.columns(None, other.to_dense(param))
+        mine, other = self.explicit(param), other.explicit(param)
+        self.__init__(index=mine.index, values=mine.values)
         if self.index is None:
             if other.index is None:
                 self.values.add_(other.values)
@@ -122,6 +145,17 @@ class ColumnGradient:
         return self
 
 
+def select_columns(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``matrix[:, index]`` (a new tensor): ``torch.gather`` with the index broadcast over the rows,
+    2-3x faster on CPUs than ``index_select`` along dim 1."""
+    return torch.gather(matrix, 1, index.unsqueeze(0).expand(matrix.shape[0], -1))
+
+
+def put_columns_(matrix: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``matrix[:, index] = values`` in place (``scatter_``; ~2.5x faster than ``index_copy_`` there)."""
+    return matrix.scatter_(1, index.unsqueeze(0).expand(matrix.shape[0], -1), values)
+
+
 def _add_columns_(values: torch.Tensor, index: torch.Tensor, addend: torch.Tensor) -> None:
     """``values[:, index] += addend`` for unique ``index`` (index_select / index_copy: fast along dim 1)."""
     values.index_copy_(1, index, values.index_select(1, index).add_(addend))
@@ -135,12 +169,26 @@ def _blocks(param: torch.Tensor):
         yield start, min(columns, start + width)
 
 
-def _row_blocks(param: torch.Tensor):
-    """``[start, stop)`` row blocks (contiguous) of about ``_BLOCK_BYTES`` of ``param`` each."""
+def _row_blocks(param: torch.Tensor, start: int = 0, stop: Optional[int] = None):
+    """``[a, b)`` row blocks (contiguous) of about ``_BLOCK_BYTES`` of ``param`` each, within rows
+    ``[start, stop)``."""
+    rows, columns = param.shape
+    stop = rows if stop is None else stop
+    height = max(1, _block_bytes(param) // max(1, columns * param.element_size()))
+    for a in range(start, stop, height):
+        yield a, min(stop, a + height)
+
+
+def _row_groups(param: torch.Tensor, kept: Optional[int] = None):
+    """Groups of whole row blocks, each about ``_GROUP_BYTES`` of the ``kept`` given columns (at
+    least ``_GROUP_ROWS`` rows): a ``factored`` gradient's rows are one product per group (a
+    product per single row would read all of ``grad_logits`` E times)."""
     rows, columns = param.shape
     height = max(1, _block_bytes(param) // max(1, columns * param.element_size()))
-    for start in range(0, rows, height):
-        yield start, min(rows, start + height)
+    wanted = max(_GROUP_ROWS, _GROUP_BYTES // max(1, (kept or columns) * param.element_size()))
+    group = max(height, wanted // height * height)
+    for start in range(0, rows, group):
+        yield start, min(rows, start + group)
 
 
 def _block_bytes(param: torch.Tensor) -> int:
@@ -201,7 +249,7 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
     if first:
         buf = torch.empty_like(p)
         state["momentum_buffer"] = buf
-    if grad.is_factored:
+    if grad.is_factored and grad.index is None:
         for start, stop in _blocks(p):
             d = grad.block(p, start, stop)
             if weight_decay != 0:
@@ -210,17 +258,27 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
                      dampening, nesterov)
         return
     scratch = None
-    for start, stop in _row_blocks(p):
-        p_rows, g_rows = p[start:stop], grad.values[start:stop]
-        if scratch is None or scratch.shape[0] != stop - start:
-            scratch = torch.empty_like(p_rows)
+    for group_start, group_stop in _row_groups(p, None if grad.index is None else grad.index.numel()):
+        # the group's given gradient (and decayed gradient), before any of these rows is updated
         if grad.index is None:
-            d = torch.add(g_rows, p_rows, alpha=weight_decay, out=scratch) if weight_decay != 0 else scratch.copy_(g_rows)
+            g_group = grad.rows(p, group_start, group_stop)
         else:
-            d = torch.mul(p_rows, weight_decay, out=scratch) if weight_decay != 0 else scratch.zero_()
-            given = g_rows.add(p_rows.index_select(1, grad.index), alpha=weight_decay) if weight_decay != 0 else g_rows
-            d.index_copy_(1, grad.index, given)
-        _update_(p_rows, d, None if buf is None else buf[start:stop], first, lr, momentum, dampening, nesterov)
+            columns = select_columns(p[group_start:group_stop], grad.index)
+            g_group = grad.rows(p, group_start, group_stop, columns)
+            g_group = g_group.add(columns, alpha=weight_decay) if weight_decay != 0 else g_group
+            del columns
+        for start, stop in _row_blocks(p, group_start, group_stop):
+            p_rows, g_rows = p[start:stop], g_group[start - group_start:stop - group_start]
+            if scratch is None or scratch.shape[0] != stop - start:
+                scratch = torch.empty_like(p_rows)
+            if grad.index is None:
+                d = (torch.add(g_rows, p_rows, alpha=weight_decay, out=scratch) if weight_decay != 0
+                     else scratch.copy_(g_rows))
+            else:
+                d = torch.mul(p_rows, weight_decay, out=scratch) if weight_decay != 0 else scratch.zero_()
+                put_columns_(d, grad.index, g_rows)
+            _update_(p_rows, d, None if buf is None else buf[start:stop], first, lr, momentum, dampening,
+                     nesterov)
 
 
 def _update_(p: torch.Tensor, d: torch.Tensor, buf: Optional[torch.Tensor], first: bool, lr: float,
