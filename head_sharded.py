@@ -24,6 +24,12 @@ AdaFace statistics: ``global`` updates ``batch_mean``/``batch_std`` with the all
 updates them with the rank's own norms and computes the rank's own samples' margins from them
 (the published per-rank behaviour).
 
+In training (``defer_kernel_grad``) the kernel's gradient is not materialised: the backward keeps
+``G`` (the logits buffer) and one value per column as a :class:`utils.column_sgd.ColumnGradient`,
+and ``train_val.SGD``'s fused step computes the gradient a block at a time while it updates the
+kernel. With sampling the kept columns are read in place (:class:`_KeptColumns`), never copied.
+The state per rank is then the kernel and its momentum, plus one B x K buffer during a step.
+
 W = 1 works without ``torch.distributed``. Checkpoints hold the head in the published layout:
 :func:`gather_columns` assembles a full E x C tensor (the kernel, its momentum) on one rank and
 :func:`shard_columns` takes a rank's slice of one, for any W.
@@ -163,10 +169,10 @@ class _KernelGradSink:
 
 class _ShardedMarginLoss(torch.autograd.Function):
     """Margin logits of this shard + cross-entropy over all shards (mean over the B rows). With a
-    ``sink`` the kernel (passed detached) gets its gradient as a :class:`ColumnGradient` kept
-    beside the parameter: ``factored`` (the logits buffer, which the backward overwrites with
-    ``G``, is kept for the optimizer step instead of an E x C_local gradient) or, with sampling,
-    the kept columns' gradient."""
+    ``sink`` the kernel (passed detached, or as :class:`_KeptColumns`) gets its gradient as a
+    ``factored`` :class:`ColumnGradient` kept beside the parameter: the logits buffer, which the
+    backward overwrites with ``G``, and one value per column are kept for the optimizer step
+    instead of an E x K gradient."""
 
     @staticmethod
     def forward(ctx, embeddings, kernel, labels, has_target, angular, additive, s, eps, group, world,
@@ -337,8 +343,8 @@ class ShardedMarginHead(MarginHead):
 
     ``defer_kernel_grad`` (off by default; training turns it on, see ``train_val.Trainer``): the
     backward leaves ``kernel.grad`` alone and keeps the kernel's gradient beside it as a
-    :class:`utils.column_sgd.ColumnGradient` (the G buffer at ``sample_rate = 1``, the kept
-    columns' gradient below), which ``train_val.SGD`` consumes: no E x C_local gradient tensor."""
+    :class:`utils.column_sgd.ColumnGradient` (``G`` and one value per kept column), which
+    ``train_val.SGD`` consumes: no E x C_local gradient tensor."""
 
     def __init__(self, *args, group=None, stats: str = "global", sample_rate: float = 1.0,
                  seed: int = 0, generator: Optional[torch.Generator] = None, **kwargs) -> None:

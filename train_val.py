@@ -236,13 +236,14 @@ class Trainer(pl.LightningModule):
 
     def on_train_start(self) -> None:
         """``--partial_fc``: the kernel's gradient stays out of ``kernel.grad`` (see
-        :class:`head_sharded.ShardedMarginHead`), except under 16-mixed, whose gradient scaler
-        unscales and checks ``.grad`` tensors only."""
+        :class:`head_sharded.ShardedMarginHead`), except with ``--partial_fc_dense_grad`` and under
+        16-mixed, whose gradient scaler unscales and checks ``.grad`` tensors only."""
         if self.partial_fc:
             precision = str(getattr(self.trainer, "precision", "32"))
-            self.head.defer_kernel_grad = not precision.startswith("16")
-            logger.info("sharded head: kernel gradient %s", "deferred to the optimizer step"
-                        if self.head.defer_kernel_grad else "dense (16-mixed)")
+            dense = bool(self.hparams.get("partial_fc_dense_grad")) or precision.startswith("16")
+            self.head.defer_kernel_grad = not dense
+            logger.info("sharded head: kernel gradient %s", "dense (kernel.grad)" if dense
+                        else "deferred to the optimizer step")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.partial_fc and gradient_clip_val and gradient_clip_algorithm == "value":

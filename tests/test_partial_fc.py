@@ -489,6 +489,26 @@ def test_bad_settings_are_rejected():
         ada(F.normalize(torch.randn(2, E)), None, torch.tensor([0, 1]))
 
 
+def test_kernel_gradient_mode_follows_the_flag_and_the_precision():
+    """Training keeps the kernel's gradient compact unless ``--partial_fc_dense_grad`` or 16-mixed
+    (whose gradient scaler reads ``.grad`` only) ask for a dense ``kernel.grad``."""
+    from types import SimpleNamespace
+
+    from train_val import Trainer
+    from utils.config import ConfigError, check_partial_fc_args, get_args
+
+    base = ["--arch", "ir_tiny", "--gpus", "0", "--partial_fc"]
+    for extra, precision, deferred in (((), "32-true", True), ((), "bf16-mixed", True), ((), "16-mixed", False),
+                                       (("--partial_fc_dense_grad",), "32-true", False)):
+        module = Trainer(**{**vars(get_args(base + list(extra))), "class_num": 6})
+        module.configure_model()
+        module._trainer = SimpleNamespace(precision=precision)
+        module.on_train_start()
+        assert module.head.defer_kernel_grad is deferred, (extra, precision)
+    with pytest.raises(ConfigError, match="need --partial_fc"):
+        check_partial_fc_args(get_args(["--partial_fc_dense_grad"]))
+
+
 def test_state_dict_keys_are_the_published_ones():
     _, ada = _heads("adaface", C, None)
     assert list(ada.state_dict()) == ["kernel", "t", "batch_mean", "batch_std"]

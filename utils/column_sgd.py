@@ -6,22 +6,23 @@ and four passes over E x C_local in the optimizer step (zero fill, weight decay,
 Training therefore hands the kernel's gradient to the optimizer as a :class:`ColumnGradient`, kept
 beside the parameter (:func:`add_column_grad`), never as ``param.grad``:
 
-* ``columns``: the gradient of some columns (``index``, values E x K); zero elsewhere. Negative
-  sampling (``--sample_rate r < 1``) produces this: only the kept columns have a gradient.
-* ``dense``: ``columns`` with every column (``index=None``).
-* ``factored``: ``embeddings^T @ G - kernel * scale`` (``G``: the B x C_local gradient of the
-  logits, which the backward writes over the logits buffer anyway; ``scale``: one value per
-  column). At ``r = 1`` the E x C_local gradient is then never stored: the step computes it column
-  block by column block, each block just before that block's update.
+* ``factored``: ``embeddings^T @ G - kernel[:, index] * scale`` for the columns ``index`` (``None``:
+  all), zero elsewhere. ``G`` is the B x K gradient of the logits, which the head's backward writes
+  over its logits buffer anyway, ``scale`` one value per column. This is what the head produces:
+  at ``r = 1`` every column, with negative sampling (``--sample_rate r < 1``) the kept ones. The
+  E x K gradient is never stored: the step computes it a block at a time, just before that block's
+  update.
+* ``columns``: explicit values (E x K) for the columns ``index`` (``None``: all, i.e. dense); what
+  gradient accumulation turns a ``factored`` gradient into when a second micro-batch arrives.
 
 :func:`sgd_step_` applies ``torch.optim.SGD``'s update (momentum, dampening, Nesterov, weight
-decay) to the whole parameter, column block by column block so that the block's gradient, momentum
-and weights are read and written while in cache: the same arithmetic as torch's step with the
-dense gradient (zeros where ``columns`` has none; momentum and weight decay still move those
-columns), op for op; the tests compare it with torch's SGD. Gradient accumulation adds into the
-kept form (:meth:`ColumnGradient.add_`), clipping reads :meth:`ColumnGradient.square_norm` and
-scales with :meth:`ColumnGradient.mul_`; anything else can :func:`materialize_column_grad` it
-into ``param.grad``.
+decay) to the whole parameter, a block at a time so that the block's gradient, momentum and
+weights are read and written while in cache: the same arithmetic as torch's step with the dense
+gradient (zeros where none is given; momentum and weight decay still move those columns), op for
+op; the tests compare it with torch's SGD. Gradient accumulation adds into the kept form
+(:meth:`ColumnGradient.add_`), clipping reads :meth:`ColumnGradient.square_norm` and scales with
+:meth:`ColumnGradient.mul_`; anything else can :func:`materialize_column_grad` it into
+``param.grad``.
 """
 from __future__ import annotations
 
@@ -71,16 +72,23 @@ class ColumnGradient:
             return out.addcmul_(param[:, start:stop], self.scale[start:stop].unsqueeze(0), value=-1.0)
         return self.values[:, start:stop].clone()
 
-    def rows(self, param: torch.Tensor, start: int, stop: int,
-             columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of the given columns' gradient ((stop - start) x K; a view for
-        ``columns``); ``columns``: ``param[start:stop, index]`` if the caller has it already."""
+        ``columns``)."""
+        out = self.row_products(start, stop)
+        if self.is_factored:
+            self.correct_rows_(out, select_columns(param[start:stop], self.index))
+        return out
+
+    def row_products(self, start: int, stop: int) -> torch.Tensor:
+        """``rows`` without the ``factored`` form's column term (see :meth:`correct_rows_`)."""
         if not self.is_factored:
             return self.values[start:stop]
-        if columns is None:
-            columns = select_columns(param[start:stop], self.index)
-        out = torch.mm(self.embeddings.t()[start:stop], self.grad_logits)
-        return out.addcmul_(columns, self.scale.unsqueeze(0), value=-1.0)
+        return torch.mm(self.embeddings.t()[start:stop], self.grad_logits)
+
+    def correct_rows_(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Turn :meth:`row_products` rows into :meth:`rows` given those rows of ``param[:, index]``."""
+        return rows.addcmul_(columns, self.scale.unsqueeze(0), value=-1.0) if self.is_factored else rows
 
     def explicit(self, param: torch.Tensor) -> "ColumnGradient":
         """The same gradient as ``columns`` (its values computed at ``param``)."""
@@ -154,6 +162,13 @@ def select_columns(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def put_columns_(matrix: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``matrix[:, index] = values`` in place (``scatter_``; ~2.5x faster than ``index_copy_`` there)."""
     return matrix.scatter_(1, index.unsqueeze(0).expand(matrix.shape[0], -1), values)
+
+
+def _columns_of_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[:, index]`` for a block of a few rows (one row: a 1-D ``index_select``, the fastest)."""
+    if rows.shape[0] == 1:
+        return rows[0].index_select(0, index).unsqueeze(0)
+    return select_columns(rows, index)
 
 
 def _add_columns_(values: torch.Tensor, index: torch.Tensor, addend: torch.Tensor) -> None:
@@ -240,9 +255,10 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
     optimizer's state of ``param`` (its ``momentum_buffer`` is created on the first step, as torch
     does). Per block: ``d = g + weight_decay * p``; ``buf = momentum * buf + (1 - dampening) * d``
     (``buf = d`` the first time); ``p -= lr * (d + momentum * buf if nesterov else buf)``.
-    ``columns`` and ``dense`` go row block by row block (contiguous; a ``columns`` block's ``d`` is
-    ``weight_decay * p`` with the given columns' ``g + weight_decay * p`` written in), ``factored``
-    column block by column block (each block's gradient is one small product)."""
+    A ``factored`` gradient of every column goes column block by column block (each block's
+    gradient is one small product); the others row block by row block (contiguous), a block's ``d``
+    being ``weight_decay * p`` with the given columns' ``g + weight_decay * p`` written in, their
+    ``g`` computed for a group of rows at a time (:func:`_row_groups`)."""
     p = param.detach()
     buf = state.get("momentum_buffer") if momentum != 0 else None
     first = momentum != 0 and buf is None
@@ -259,16 +275,9 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
         return
     scratch = None
     for group_start, group_stop in _row_groups(p, None if grad.index is None else grad.index.numel()):
-        # the group's given gradient (and decayed gradient), before any of these rows is updated
-        if grad.index is None:
-            g_group = grad.rows(p, group_start, group_stop)
-        else:
-            columns = select_columns(p[group_start:group_stop], grad.index)
-            g_group = grad.rows(p, group_start, group_stop, columns)
-            g_group = g_group.add(columns, alpha=weight_decay) if weight_decay != 0 else g_group
-            del columns
+        products = grad.row_products(group_start, group_stop)     # one product for the group's rows
         for start, stop in _row_blocks(p, group_start, group_stop):
-            p_rows, g_rows = p[start:stop], g_group[start - group_start:stop - group_start]
+            p_rows, g_rows = p[start:stop], products[start - group_start:stop - group_start]
             if scratch is None or scratch.shape[0] != stop - start:
                 scratch = torch.empty_like(p_rows)
             if grad.index is None:
@@ -276,7 +285,9 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
                      else scratch.copy_(g_rows))
             else:
                 d = torch.mul(p_rows, weight_decay, out=scratch) if weight_decay != 0 else scratch.zero_()
-                put_columns_(d, grad.index, g_rows)
+                columns = _columns_of_rows(p_rows, grad.index)   # gathered while the rows are in cache
+                g_rows = grad.correct_rows_(g_rows, columns)
+                put_columns_(d, grad.index, g_rows.add(columns, alpha=weight_decay) if weight_decay != 0 else g_rows)
             _update_(p_rows, d, None if buf is None else buf[start:stop], first, lr, momentum, dampening,
                      nesterov)
 

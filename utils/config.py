@@ -11,8 +11,8 @@
   ``--save_every_n_steps``, ``--output_dir``, ``--experiments_root`` and ``--trust_checkpoint`` are new;
 * ``--seed_order published`` seeds after building the model, as the published ``main.py`` does
   (the initial weights then come from torch's per-process random seed, not from ``--seed``);
-* ``--partial_fc``, ``--sample_rate``, ``--partial_fc_stats`` and ``--gradient_clip_val`` (the sharded
-  head of ``head_sharded.py``) are new.
+* ``--partial_fc``, ``--sample_rate``, ``--partial_fc_stats``, ``--partial_fc_dense_grad`` and
+  ``--gradient_clip_val`` (the sharded head of ``head_sharded.py``) are new.
 """
 from __future__ import annotations
 
@@ -160,6 +160,10 @@ def add_partial_fc_arguments(p: argparse.ArgumentParser) -> None:
                      help="with --partial_fc and AdaFace: running norm statistics over the whole global "
                           "batch (global) or over each process's own batch (local, as the published DDP "
                           "training did)")
+    pfc.add_argument("--partial_fc_dense_grad", action="store_true",
+                     help="with --partial_fc: keep the kernel's gradient as a dense kernel.grad (E x its "
+                          "classes per process; what 16-mixed does, and arcface_torch) instead of the compact "
+                          "form the fused SGD step reads (utils/column_sgd.py); same updates, more memory")
     pfc.add_argument("--gradient_clip_val", type=float, default=0.0,
                      help="clip the global gradient norm (over all shards with --partial_fc) to this "
                           "value; 0 = no clipping")
@@ -169,8 +173,9 @@ def check_partial_fc_args(args: argparse.Namespace) -> None:
     """Raise :class:`ConfigError` on Partial FC flags that make no sense."""
     if not 0.0 < args.sample_rate <= 1.0:
         raise ConfigError(f"--sample_rate must lie in (0, 1], got {args.sample_rate}")
-    if not args.partial_fc and (args.sample_rate != 1.0 or args.partial_fc_stats != "global"):
-        raise ConfigError("--sample_rate and --partial_fc_stats need --partial_fc")
+    if not args.partial_fc and (args.sample_rate != 1.0 or args.partial_fc_stats != "global"
+                                or args.partial_fc_dense_grad):
+        raise ConfigError("--sample_rate, --partial_fc_stats and --partial_fc_dense_grad need --partial_fc")
     if args.gradient_clip_val < 0:
         raise ConfigError(f"--gradient_clip_val must be >= 0, got {args.gradient_clip_val}")
 
