@@ -177,7 +177,7 @@ def _add_columns_(values: torch.Tensor, index: torch.Tensor, addend: torch.Tenso
 
 
 def _blocks(param: torch.Tensor):
-    """``[start, stop)`` column blocks of about ``_BLOCK_BYTES`` of ``param`` (E x C) each."""
+    """``[start, stop)`` column blocks of about :func:`_block_bytes` of ``param`` (E x C) each."""
     rows, columns = param.shape
     width = max(64, _block_bytes(param) // max(1, rows * param.element_size()))
     for start in range(0, columns, width):
@@ -185,7 +185,7 @@ def _blocks(param: torch.Tensor):
 
 
 def _row_blocks(param: torch.Tensor, start: int = 0, stop: Optional[int] = None):
-    """``[a, b)`` row blocks (contiguous) of about ``_BLOCK_BYTES`` of ``param`` each, within rows
+    """``[a, b)`` row blocks (contiguous) of about :func:`_block_bytes` of ``param`` each, within rows
     ``[start, stop)``."""
     rows, columns = param.shape
     stop = rows if stop is None else stop
