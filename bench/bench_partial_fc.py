@@ -1,9 +1,10 @@
 """Head step time and per-rank peak memory of the sharded head (Partial FC) on gloo CPU processes.
 
 One head step = forward (loss) + backward + SGD step (momentum 0.9, weight decay 5e-4; ours and
-replicated with training's ``train_val.SGD``, ``--torch_sgd`` for torch's) on the kernel, with the embeddings (per-rank batch B, E = 512, unit length) as a leaf input. Each
-configuration runs in W fresh processes (``torch.multiprocessing`` + gloo; W = 1 without
-torch.distributed for ours and ``head.py``): one warm-up step, then ``--steps`` timed steps
+replicated with training's ``train_val.SGD``, ``--torch_sgd`` for torch's) on the kernel, with
+the embeddings (per-rank batch B, E = 512, unit length) as a leaf input. Each configuration
+runs in W fresh processes (``torch.multiprocessing`` + gloo; W = 1 without torch.distributed for
+ours and ``head.py``): one warm-up step, then ``--steps`` timed steps
 between barriers (median). Memory: the growth of each rank's peak resident set size from just
 before the head is built to the end (head state + the step's temporaries), the largest over the
 ranks. Implementations:

@@ -489,6 +489,39 @@ def test_bad_settings_are_rejected():
         ada(F.normalize(torch.randn(2, E)), None, torch.tensor([0, 1]))
 
 
+def test_deferred_training_resumed_from_its_state_equals_the_uninterrupted_run():
+    """Training's path (kept kernel gradient, fused step; sampling on): 5 steps straight, or 3 steps,
+    the head's and optimizer's state_dicts saved and loaded into a fresh head and optimizer, then 2:
+    the same weights and momentum bit for bit (the momentum lives in torch's optimizer state)."""
+    from train_val import SGD
+
+    def fresh():
+        _, head = _heads("arcface", C_SAMPLE, None, sample_rate=0.3)
+        head.defer_kernel_grad = True
+        return head, SGD([head.kernel], lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def train(head, opt, steps):
+        for step in steps:
+            emb, _, labels, _ = _batch(2, 40 + step, C_SAMPLE)
+            opt.zero_grad()
+            head(emb.requires_grad_(True), None, labels, step=step).backward()
+            opt.step()
+
+    straight, opt_straight = fresh()
+    train(straight, opt_straight, range(5))
+    first, opt_first = fresh()
+    train(first, opt_first, range(3))
+    saved = copy.deepcopy({"head": first.state_dict(), "optimizer": opt_first.state_dict()})
+    resumed, opt_resumed = fresh()
+    resumed.load_state_dict(saved["head"])
+    opt_resumed.load_state_dict(saved["optimizer"])
+    train(resumed, opt_resumed, range(3, 5))
+    assert torch.equal(resumed.kernel, straight.kernel)
+    assert torch.equal(opt_resumed.state[resumed.kernel]["momentum_buffer"],
+                       opt_straight.state[straight.kernel]["momentum_buffer"])
+    assert not torch.equal(resumed.kernel, first.kernel)
+
+
 def test_kernel_gradient_mode_follows_the_flag_and_the_precision():
     """Training keeps the kernel's gradient compact unless ``--partial_fc_dense_grad`` or 16-mixed
     (whose gradient scaler reads ``.grad`` only) ask for a dense ``kernel.grad``."""

@@ -187,9 +187,8 @@ def _blocks(param: torch.Tensor):
 def _row_blocks(param: torch.Tensor, start: int = 0, stop: Optional[int] = None):
     """``[a, b)`` row blocks (contiguous) of about :func:`_block_bytes` of ``param`` each, within rows
     ``[start, stop)``."""
-    rows, columns = param.shape
-    stop = rows if stop is None else stop
-    height = max(1, _block_bytes(param) // max(1, columns * param.element_size()))
+    stop = param.shape[0] if stop is None else stop
+    height = _rows_per_block(param)
     for a in range(start, stop, height):
         yield a, min(stop, a + height)
 
@@ -199,7 +198,7 @@ def _row_groups(param: torch.Tensor, kept: Optional[int] = None):
     least ``_GROUP_ROWS`` rows): a ``factored`` gradient's rows are one product per group (a
     product per single row would read all of ``grad_logits`` E times)."""
     rows, columns = param.shape
-    height = max(1, _block_bytes(param) // max(1, columns * param.element_size()))
+    height = _rows_per_block(param)
     wanted = max(_GROUP_ROWS, _GROUP_BYTES // max(1, (kept or columns) * param.element_size()))
     group = max(height, wanted // height * height)
     for start in range(0, rows, group):
@@ -208,6 +207,10 @@ def _row_groups(param: torch.Tensor, kept: Optional[int] = None):
 
 def _block_bytes(param: torch.Tensor) -> int:
     return _CPU_BLOCK_BYTES if param.device.type == "cpu" else _DEVICE_BLOCK_BYTES
+
+
+def _rows_per_block(param: torch.Tensor) -> int:
+    return max(1, _block_bytes(param) // max(1, param.shape[1] * param.element_size()))
 
 
 def column_grad(param: torch.Tensor) -> Optional[ColumnGradient]:
@@ -287,7 +290,9 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
                 d = torch.mul(p_rows, weight_decay, out=scratch) if weight_decay != 0 else scratch.zero_()
                 columns = _columns_of_rows(p_rows, grad.index)   # gathered while the rows are in cache
                 g_rows = grad.correct_rows_(g_rows, columns)
-                put_columns_(d, grad.index, g_rows.add(columns, alpha=weight_decay) if weight_decay != 0 else g_rows)
+                if weight_decay != 0:
+                    g_rows = g_rows.add(columns, alpha=weight_decay)
+                put_columns_(d, grad.index, g_rows)
             _update_(p_rows, d, None if buf is None else buf[start:stop], first, lr, momentum, dampening,
                      nesterov)
 
