@@ -27,8 +27,15 @@ updates them with the rank's own norms and computes the rank's own samples' marg
 In training (``defer_kernel_grad``) the kernel's gradient is not materialised: the backward keeps
 ``G`` (the logits buffer) and one value per column as a :class:`utils.column_sgd.ColumnGradient`,
 and ``train_val.SGD``'s fused step computes the gradient a block at a time while it updates the
-kernel. With sampling the kept columns are read in place (:class:`_KeptColumns`), never copied.
-The state per rank is then the kernel and its momentum, plus one B x K buffer during a step.
+kernel. The state per rank is then the kernel and its momentum, plus one B x K buffer during a step.
+
+With sampling the kernel is stored class-major (the E x C_local parameter is the transposed view
+of a contiguous C_local x E tensor: a class's centre is one contiguous run), so the kept columns
+are row gathers, read a chunk at a time (:class:`_KeptColumns`), never copied whole; and only the
+kept columns are stepped, the others' zero-gradient SGD steps (weight decay, momentum) being
+applied in closed form when a column is next read or a checkpoint is written
+(:mod:`utils.column_sgd`). A step then costs the kept columns, not the shard. Without sampling
+the kernel stays row-major, as ``head.py``'s.
 
 W = 1 works without ``torch.distributed``. Checkpoints hold the head in the published layout:
 :func:`gather_columns` assembles a full E x C tensor (the kernel, its momentum) on one rank and
@@ -47,15 +54,17 @@ import torch.distributed as dist
 
 from head import (AdaFace, ArcFace, CosFace, HEAD_TYPES, LabelError, MarginHead, check_labels, column_norms,
                   kernel_column_scale, margin_grad_rows_, margin_input_grads, margin_logits_forward)
-from utils.column_sgd import (ColumnGradient, add_column_grad, column_grad, materialize_column_grad,
-                              select_columns)
+from utils.column_sgd import (ColumnGradient, add_column_grad, class_rows, column_grad, current_rows, drop_pending,
+                              flush_pending_, materialize_column_grad)
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 STATS_MODES = ("global", "local")
-_CHUNK_ELEMENTS = 1 << 20     # exp() temporaries of the forward, gathered kept columns: floats at a time
-_GATHER_ROWS = 8              # kernel rows gathered at a time for G @ columns^T: at least
+_CHUNK_ELEMENTS = 1 << 16     # softmax temporaries (rows of the logits) of forward and backward: floats at a time
+_KEPT_CHUNK_ELEMENTS = 1 << 18    # kept columns gathered at a time (one product each): floats
+_INIT_ROWS = 16               # kernel rows drawn before they are written into the class-major shard
+_INIT_CLASSES = 4096          # classes renormalised at a time
 
 
 def shard_bounds(classnum: int, world: int, rank: int) -> Tuple[int, int]:
@@ -70,16 +79,32 @@ def shard_bounds(classnum: int, world: int, rank: int) -> Tuple[int, int]:
 
 
 def init_kernel_columns(embedding_size: int, classnum: int, start: int, stop: int,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                        generator: Optional[torch.Generator] = None, class_major: bool = False) -> torch.Tensor:
     """Columns ``[start, stop)`` of :func:`head.init_kernel` ``(embedding_size, classnum)`` drawn
     from the same random state, bit for bit, holding one row of C values at a time (the draws of
-    a row-major E x C uniform fill are consumed row by row; the other ranks' columns are dropped)."""
-    columns = torch.empty(embedding_size, stop - start, device="cpu")
+    a row-major E x C uniform fill are consumed row by row; the other ranks' columns are dropped).
+    ``class_major``: stored as the transposed view of a contiguous (stop - start) x E tensor (see
+    :func:`utils.column_sgd.class_major`), written ``_INIT_ROWS`` rows at a time."""
+    if not class_major:
+        columns = torch.empty(embedding_size, stop - start, device="cpu")
+        row = torch.empty(classnum, device="cpu")
+        for i in range(embedding_size):
+            row.uniform_(-1, 1, generator=generator)
+            columns[i] = row[start:stop]
+        return columns.renorm_(2, 1, 1e-5).mul_(1e5)
+    classes = torch.empty(stop - start, embedding_size, device="cpu")
     row = torch.empty(classnum, device="cpu")
-    for i in range(embedding_size):
-        row.uniform_(-1, 1, generator=generator)
-        columns[i] = row[start:stop]
-    return columns.renorm_(2, 1, 1e-5).mul_(1e5)
+    rows = torch.empty(min(_INIT_ROWS, embedding_size), stop - start, device="cpu")
+    for first in range(0, embedding_size, rows.shape[0]):
+        count = min(rows.shape[0], embedding_size - first)
+        for i in range(count):
+            row.uniform_(-1, 1, generator=generator)
+            rows[i] = row[start:stop]
+        classes[:, first:first + count] = rows[:count].t()
+    for first in range(0, stop - start, _INIT_CLASSES):   # renorm on row-major copies: the unsharded
+        block = classes[first:first + _INIT_CLASSES]        # head's reduction order, bit for bit
+        block.copy_(block.t().contiguous().renorm_(2, 1, 1e-5).mul_(1e5).t())
+    return classes.t()
 
 
 def skip_kernel_draws(embedding_size: int, classnum: int,
@@ -131,30 +156,35 @@ class _AllGather(torch.autograd.Function):
 
 
 class _KeptColumns:
-    """Columns ``index`` of ``kernel`` (E x C_local) as :func:`head.margin_logits_forward` reads
-    them, without an E x K copy: the logits and column norms in chunks of columns, the
-    embeddings' gradient ``G @ columns^T`` in groups of rows (each gathered, then dropped)."""
+    """Columns ``index`` of the class-major kernel ``param`` (E x C_local) as
+    :func:`head.margin_logits_forward` reads them, without an E x K copy: a chunk of kept classes
+    at a time (contiguous class rows, gathered and dropped). The forward's read brings the columns
+    up to date first (:func:`utils.column_sgd.current_rows`: SGD steps they owe from earlier steps
+    that did not sample them)."""
 
-    def __init__(self, kernel: torch.Tensor, index: torch.Tensor) -> None:
-        self.kernel, self.index = kernel, index
+    def __init__(self, param: torch.Tensor, index: torch.Tensor) -> None:
+        self.param, self.index = param, index
+
+    def _chunk(self) -> int:
+        return max(1, _KEPT_CHUNK_ELEMENTS // max(1, self.param.shape[0]))
 
     def logits_and_inv_norm(self, embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        kept = self.index.shape[0]
+        kept, width = self.index.shape[0], self._chunk()
         logits = embeddings.new_empty(embeddings.shape[0], kept)
         inv_norm = embeddings.new_empty(kept)
-        width = max(1, _CHUNK_ELEMENTS // max(1, self.kernel.shape[0]))
         for start in range(0, kept, width):
-            columns = select_columns(self.kernel, self.index[start:start + width])
-            inv_norm[start:start + width] = column_norms(columns)
-            logits[:, start:start + width] = torch.mm(embeddings, columns)
+            rows = current_rows(self.param, self.index[start:start + width])
+            inv_norm[start:start + width] = column_norms(rows.t())
+            torch.mm(embeddings, rows.t(), out=logits[:, start:start + width])
         return logits, inv_norm.reciprocal_()
 
     def times_transpose(self, grad: torch.Tensor) -> torch.Tensor:
-        out = grad.new_empty(grad.shape[0], self.kernel.shape[0])
-        height = max(_GATHER_ROWS, _CHUNK_ELEMENTS // max(1, self.index.shape[0]))
-        for start in range(0, self.kernel.shape[0], height):
-            rows = select_columns(self.kernel[start:start + height], self.index)
-            out[:, start:start + height] = torch.mm(grad, rows.t())
+        out = grad.new_zeros(grad.shape[0], self.param.shape[0])
+        rows_of = class_rows(self.param)
+        width = self._chunk()
+        for start in range(0, self.index.shape[0], width):
+            rows = rows_of.index_select(0, self.index[start:start + width])
+            out.addmm_(grad[:, start:start + width], rows)
         return out
 
 
@@ -304,20 +334,22 @@ def check_replicas_in_sync(module: torch.nn.Module, group=None) -> None:
 
 
 class _SelectColumns(torch.autograd.Function):
-    """``kernel[:, index]`` for sorted unique ``index``; the backward writes the columns' gradient into
-    a dense zero gradient with ``index_copy_`` (autograd's ``index_add_`` along dim 1 is ~10x slower)."""
+    """``kernel[:, index]`` for sorted unique ``index`` (a row gather of the class-major kernel); the
+    backward writes the columns' gradient into a dense zero gradient with ``index_copy_``."""
 
     @staticmethod
     def forward(ctx, kernel: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.shape = kernel.shape
-        return kernel.index_select(1, index)
+        ctx.kernel = kernel.detach()
+        return class_rows(kernel).index_select(0, index).t()       # class-major, like the kernel
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        full = grad.new_zeros(ctx.shape)
-        return full.index_copy_(1, index, grad), None
+        full = torch.zeros_like(ctx.kernel)                          # laid out like the kernel
+        class_rows(full).index_copy_(0, index, grad.t())
+        ctx.kernel = None
+        return full, None
 
 
 def sample_seed(seed: int, rank: int, step: int) -> int:
@@ -334,7 +366,27 @@ def sample_columns(local_labels: torch.Tensor, has_target: torch.Tensor, n_local
     score = torch.rand(n_local, generator=generator, device=device)
     positive = has_target.reshape(-1).to(score.dtype) * 2.0    # positives outrank every negative
     score.scatter_reduce_(0, local_labels.reshape(-1), positive, reduce="amax")
+    fraction = (keep + 6.0 * math.sqrt(keep) + 16.0) / n_local
+    if device.type == "cpu" and fraction < 0.5:
+        # the top `keep` of all scores lie above a threshold that more than `keep` of the uniform
+        # scores pass but for a chance below 1e-8: topk over those few candidates gives the same
+        # set without topk's full-length copies (24 MiB at 2M classes)
+        candidates = (score >= 1.0 - fraction).nonzero().reshape(-1)
+        if candidates.numel() >= keep:
+            chosen = score[candidates].topk(keep, sorted=False).indices
+            return candidates[chosen].sort().values
     return score.topk(keep, sorted=False).indices.sort().values
+
+
+def _apply_pending_steps(module: "ShardedMarginHead", prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: the kernel a state dict (a checkpoint) holds has every SGD step applied."""
+    flush_pending_(module.kernel)
+
+
+def _forget_pending_steps(module: "ShardedMarginHead", state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: a loaded kernel replaces the values that owed steps."""
+    if prefix + "kernel" in state_dict:
+        drop_pending(module.kernel)
 
 
 class ShardedMarginHead(MarginHead):
@@ -361,10 +413,13 @@ class ShardedMarginHead(MarginHead):
         self.defer_kernel_grad = False
         super().__init__(*args, **kwargs)
         self._generator = None
+        self.register_state_dict_pre_hook(_apply_pending_steps)
+        self.register_load_state_dict_pre_hook(_forget_pending_steps)
 
     def initial_kernel(self, embedding_size: int, classnum: int) -> torch.Tensor:
         self.start, self.stop = shard_bounds(classnum, self.world, self.rank)
-        return init_kernel_columns(embedding_size, classnum, self.start, self.stop, self._generator)
+        return init_kernel_columns(embedding_size, classnum, self.start, self.stop, self._generator,
+                                   class_major=self.sample_rate < 1.0)
 
     def _gather(self, tensor: torch.Tensor, grad: bool = False) -> torch.Tensor:
         if self.world == 1:
@@ -404,7 +459,9 @@ class ShardedMarginHead(MarginHead):
             defer = self.defer_kernel_grad and torch.is_grad_enabled() and self.kernel.requires_grad
             kernel = self.kernel.detach() if defer else self.kernel
             sink = _KernelGradSink(self.kernel) if defer else None
-            if self.sample_rate < 1.0:
+            if self.sample_rate >= 1.0:
+                flush_pending_(self.kernel)          # (only a sampled step leaves steps pending)
+            else:
                 step = self._calls if step is None else step
                 generator = torch.Generator(device=kernel.device)
                 generator.manual_seed(sample_seed(self.seed, self.rank, step))
@@ -412,8 +469,9 @@ class ShardedMarginHead(MarginHead):
                                        self.stop - self.start, self.sample_rate, generator)
                 self.sampled_classes = index + self.start          # kept classes (global ids)
                 if defer:
-                    kernel, sink.index = _KeptColumns(kernel, index), index
+                    kernel, sink.index = _KeptColumns(self.kernel, index), index
                 else:
+                    flush_pending_(self.kernel)
                     kernel = _SelectColumns.apply(kernel, index)
                 local_labels = torch.searchsorted(index, local_labels.clamp(0, self.stop - self.start - 1))
                 local_labels = local_labels.clamp_(max=index.shape[0] - 1)
@@ -461,7 +519,7 @@ def gather_columns(shard: torch.Tensor, classnum: int, group=None, dst: int = 0)
     full copy + one shard)."""
     world, rank = _world_rank(group)
     if world == 1:
-        return shard.detach().to("cpu", copy=True)
+        return shard.detach().to("cpu").clone(memory_format=torch.contiguous_format)   # row-major
     shard = shard.detach().contiguous()
     if rank != dst:
         dist.send(shard, group=group, group_dst=dst)

@@ -93,6 +93,10 @@ class SGD(optim.SGD):
                     column_sgd.materialize_column_grad(p)
                 else:
                     fused.append((group, p, column_sgd.take_column_grad(p)))
+        for group in self.param_groups:      # torch's step moves every column: owed steps first
+            for p in group["params"]:
+                if p.grad is not None:
+                    column_sgd.flush_pending_(p)
         folded = []
         for group in self.param_groups:
             decay = group["weight_decay"]
@@ -120,6 +124,27 @@ class SGD(optim.SGD):
         for group in self.param_groups:
             for p in group["params"]:
                 column_sgd.take_column_grad(p)
+
+    def state_dict(self) -> dict:
+        """torch's state dict, with the steps a sampled kernel owes applied first (see
+        :func:`utils.column_sgd.flush_pending_`): a checkpoint holds up-to-date weights and momentum."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                column_sgd.flush_pending_(p)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load; pending steps are forgotten (the state is replaced) and a momentum buffer is
+        laid out like its parameter (a checkpoint holds the E x C head row-major; the sharded head
+        stores its kernel class-major)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                column_sgd.drop_pending(p)
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            buf = state.get("momentum_buffer")
+            if torch.is_tensor(buf) and buf.shape == p.shape and buf.stride() != p.stride():
+                state["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
 
 class Trainer(pl.LightningModule):

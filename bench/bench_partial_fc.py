@@ -92,8 +92,9 @@ def _build(impl: str, classes: int, world: int, rank: int, dim: int, rate: float
     if impl == "ours":
         import head_sharded
         if not exact_init:  # per-shard draw: not the replicated head's stream, same cost per step
-            def fast(embedding_size, classnum, start, stop, generator=None):
-                cols = torch.empty(embedding_size, stop - start).uniform_(-1, 1)
+            def fast(embedding_size, classnum, start, stop, generator=None, class_major=False):
+                cols = torch.empty(stop - start, embedding_size).uniform_(-1, 1).t() if class_major \
+                    else torch.empty(embedding_size, stop - start).uniform_(-1, 1)
                 return cols.renorm_(2, 1, 1e-5).mul_(1e5)
             head_sharded.init_kernel_columns = fast
         head = head_sharded.build_sharded_head("arcface", dim, classes, m=0.5, t_alpha=1.0, h=0.0, s=64.,

@@ -52,13 +52,38 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, form: str) -> None:
         assert torch.equal(got, want), float((got - want).abs().max())
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding at the tensor's scale (closed-form pending steps and blockwise
+    products round differently from torch's step-by-step arithmetic)."""
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def _up_to_date(param: torch.Tensor, state: dict):
+    """Copies of ``param`` and its momentum with the steps they owe applied (the originals keep
+    owing them, as in training)."""
+    weights = param.detach().clone()
+    buf = state.get("momentum_buffer")
+    buf = None if buf is None else buf.clone()
+    pending = column_sgd.pending_steps(param)
+    if pending is not None:
+        pending.bring_up_to_date_(weights.t(), None if buf is None else buf.t(), pending.last)
+    return weights, buf
+
+
+def _param(initial: torch.Tensor, layout: str) -> torch.nn.Parameter:
+    return torch.nn.Parameter(column_sgd.class_major(initial.clone()) if layout == "class-major"
+                              else initial.clone())
+
+
+@pytest.mark.parametrize("layout", ["row-major", "class-major"])
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("form", FORMS)
-def test_fused_step_equals_torch_sgd(form, options):
-    """Five steps (the first creates the momentum buffer) and a learning-rate change."""
+def test_fused_step_equals_torch_sgd(form, options, layout):
+    """Five steps (the first creates the momentum buffer) and a learning-rate change. A gradient of
+    some columns (``columns``, ``kept``) leaves the others' steps pending: compared with them applied."""
     opts = OPTIONS[options]
     initial = torch.randn(E, C, generator=torch.Generator().manual_seed(99))
-    ref, ours = torch.nn.Parameter(initial.clone()), torch.nn.Parameter(initial.clone())
+    ref, ours = torch.nn.Parameter(initial.clone()), _param(initial, layout)
     opt = torch.optim.SGD([ref], lr=0.1, **opts)
     state: dict = {}
     for step in range(5):
@@ -68,12 +93,60 @@ def test_fused_step_equals_torch_sgd(form, options):
         ref.grad = dense
         opt.step()
         sgd_step_(ours, grad, state, lr=lr, **opts)
-        _assert_same(ours.detach(), ref.detach(), form)
+        weights, buf = _up_to_date(ours, state)
+        assert weights.stride() == ours.stride()
+        sampled = form in ("columns", "kept") and (opts["momentum"] or opts["weight_decay"])
+        if sampled:
+            assert column_sgd.pending_steps(ours) is not None      # the other columns wait
+            _close(weights, ref.detach())
+        else:
+            assert column_sgd.pending_steps(ours) is None
+            _assert_same(weights, ref.detach(), form)
         if opts["momentum"]:
-            _assert_same(state["momentum_buffer"], opt.state[ref]["momentum_buffer"], form)
+            assert state["momentum_buffer"].stride() == ours.stride()
+            if sampled:
+                _close(buf, opt.state[ref]["momentum_buffer"])
+            else:
+                _assert_same(buf, opt.state[ref]["momentum_buffer"], form)
         else:
             assert "momentum_buffer" not in state
+    column_sgd.flush_pending_(ours)
+    assert column_sgd.pending_steps(ours) is None
+    _close(ours.detach(), ref.detach())
     assert not torch.equal(ours.detach(), initial)
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_pending_steps_over_a_long_run_equal_torch_sgd(options):
+    """60 steps, each with a gradient of 3 % of the columns (most columns owe tens of steps when
+    next read), read back through :func:`current_rows` as the head reads them; a learning-rate
+    change at step 40 applies what is owed under the old rate first."""
+    opts = OPTIONS[options]
+    initial = torch.randn(E, C, generator=torch.Generator().manual_seed(5))
+    ref, ours = torch.nn.Parameter(initial.clone()), _param(initial, "class-major")
+    opt = torch.optim.SGD([ref], lr=0.1, **opts)
+    state: dict = {}
+    g = torch.Generator().manual_seed(6)
+    most_owed = 0
+    for step in range(60):
+        lr = 0.1 if step < 40 else 0.02
+        opt.param_groups[0]["lr"] = lr
+        index = torch.randperm(C, generator=g)[:30].sort().values
+        pending = column_sgd.pending_steps(ours)
+        if pending is not None:
+            most_owed = max(most_owed, int((pending.clock - pending.last).max()))
+            rows = column_sgd.current_rows(ours, index)             # what the head's forward does
+            _close(rows, ref.detach()[:, index].t())
+        values = torch.randn(E, 30, generator=g)
+        ref.grad = torch.zeros(E, C).index_copy_(1, index, values)
+        opt.step()
+        sgd_step_(ours, ColumnGradient.columns(index, values), state, lr=lr, **opts)
+    column_sgd.flush_pending_(ours)
+    _close(ours.detach(), ref.detach())
+    if opts["momentum"] or opts["weight_decay"]:
+        assert most_owed >= 30
+    if opts["momentum"]:
+        _close(state["momentum_buffer"], opt.state[ref]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("first,second", [("columns", "columns"), ("columns", "dense"), ("dense", "columns"),
@@ -126,8 +199,44 @@ def test_training_sgd_steps_kept_gradients_and_falls_back_where_needed():
                 ours.grad = extra.clone()
             opt.step()
             assert column_grad(ours) is None
-            torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+            _close(_up_to_date(ours, opt.state[ours])[0], ref.detach())
         add_column_grad(ours, _gradient("columns", ref, seed=0)[0])
         opt.zero_grad()
         assert column_grad(ours) is None
     assert set(opt.state[ours]) == {"momentum_buffer"} and opt.state[ours]["momentum_buffer"].shape == (E, C)
+
+
+def test_training_sgd_state_dict_applies_pending_steps_and_load_lays_out_the_momentum():
+    """``train_val.SGD.state_dict`` (what a checkpoint holds) applies the steps a sampled kernel
+    owes; loading a row-major momentum (the published layout) into a class-major kernel's
+    optimizer lays it out like the kernel, and the run goes on as the one that was saved."""
+    from train_val import SGD
+
+    initial = torch.randn(E, C, generator=torch.Generator().manual_seed(8))
+    ref = torch.nn.Parameter(initial.clone())
+    opt_ref = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ours = _param(initial, "class-major")
+    opt = SGD([ours], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(4):
+        grad, dense = _gradient("columns", ref, seed=20 + step)
+        ref.grad = dense
+        opt_ref.step()
+        add_column_grad(ours, grad)
+        opt.step()
+    assert column_sgd.pending_steps(ours) is not None
+    saved = opt.state_dict()
+    assert column_sgd.pending_steps(ours) is None
+    _close(ours.detach(), ref.detach())
+    _close(saved["state"][0]["momentum_buffer"], opt_ref.state[ref]["momentum_buffer"])
+    row_major = {"state": {0: {"momentum_buffer": saved["state"][0]["momentum_buffer"].contiguous()}},
+                 "param_groups": saved["param_groups"]}
+    twin = _param(ours.detach().contiguous(), "class-major")
+    opt_twin = SGD([twin], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_twin.load_state_dict(row_major)
+    assert opt_twin.state[twin]["momentum_buffer"].stride() == twin.stride() == ours.stride()
+    for param, optimizer in ((ours, opt), (twin, opt_twin)):
+        add_column_grad(param, _gradient("columns", ref, seed=30)[0])
+        optimizer.step()
+        optimizer.state_dict()
+    assert torch.equal(twin.detach(), ours.detach())
+    assert torch.equal(opt_twin.state[twin]["momentum_buffer"], opt.state[ours]["momentum_buffer"])

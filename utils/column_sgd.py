@@ -15,26 +15,55 @@ beside the parameter (:func:`add_column_grad`), never as ``param.grad``:
 * ``columns``: explicit values (E x K) for the columns ``index`` (``None``: all, i.e. dense); what
   gradient accumulation turns a ``factored`` gradient into when a second micro-batch arrives.
 
+Everything here works for any memory layout of the E x C parameter. With negative sampling the
+sharded head stores it *class-major* (the transposed view of a contiguous C x E tensor, so that a
+class's column is one contiguous run and reading some columns is a row gather); the operations
+below work on the C x E view (``param.t()``), a block or chunk of classes at a time, and compute a
+row-major parameter's blocks in its own layout.
+
 :func:`sgd_step_` applies ``torch.optim.SGD``'s update (momentum, dampening, Nesterov, weight
-decay) to the whole parameter, a block at a time so that the block's gradient, momentum and
-weights are read and written while in cache: the same arithmetic as torch's step with the dense
-gradient (zeros where none is given; momentum and weight decay still move those columns), op for
-op; the tests compare it with torch's SGD. Gradient accumulation adds into the kept form
-(:meth:`ColumnGradient.add_`), clipping reads :meth:`ColumnGradient.square_norm` and scales with
-:meth:`ColumnGradient.mul_`; anything else can :func:`materialize_column_grad` it into
-``param.grad``.
+decay), op for op torch's arithmetic:
+
+* a gradient of every column: a block of classes at a time, the block's gradient computed just
+  before its update while the block is in cache;
+* a gradient of some columns (negative sampling): only those columns are stepped. Every other
+  column would take a *zero-gradient* step (weight decay and momentum still move it), a linear map
+  of its (weight, momentum) pair that is the same for every column. Those steps are kept pending
+  (:class:`PendingSteps`: one step counter per column) and applied in closed form, the map's n-th
+  power (computed in float64), when the column is next read (:func:`current_rows`, which the head
+  calls before it reads kept columns) or when everything is flushed (:func:`flush_pending_`: before
+  a checkpoint is written, a learning-rate change, a step of every column). Equal to torch's
+  step-by-step float32 updates up to rounding (the tests: 1e-6 relative); the cost of a step is
+  that of the kept columns, not of the shard.
+
+Gradient accumulation adds into the kept form (:meth:`ColumnGradient.add_`), clipping reads
+:meth:`ColumnGradient.square_norm` and scales with :meth:`ColumnGradient.mul_`; anything else can
+:func:`materialize_column_grad` it into ``param.grad``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 _ATTR = "_column_grad"
-_CPU_BLOCK_BYTES = 1 << 20        # one block of a tensor: ~1 MiB, so a block's three tensors stay in cache
+_PENDING_ATTR = "_pending_sgd_steps"
+_CPU_BLOCK_BYTES = 1 << 20        # classes stepped at a time: ~1 MiB of each tensor, so a block stays in cache
 _DEVICE_BLOCK_BYTES = 1 << 26     # on a GPU bandwidth is not the issue: few, large blocks
-_GROUP_ROWS = 8                   # rows of a factored gradient computed by one product: at least these,
-_GROUP_BYTES = 1 << 22            # or as many as fill 4 MiB of the given columns
+_CHUNK_BYTES = 1 << 20            # kept classes gathered (and their gradient rows computed) at a time: 1 MiB
+
+
+def class_rows(param: torch.Tensor) -> torch.Tensor:
+    """The C x E view of an E x C parameter (contiguous when the parameter is class-major)."""
+    return param.detach().t()
+
+
+def class_major(columns: torch.Tensor) -> torch.Tensor:
+    """An E x C tensor with the same values stored class-major (the transposed view of a
+    contiguous C x E tensor); returned as is when it already is."""
+    if columns.dim() == 2 and columns.t().is_contiguous():
+        return columns
+    return columns.t().contiguous().t()
 
 
 class ColumnGradient:
@@ -64,59 +93,52 @@ class ColumnGradient:
     def is_factored(self) -> bool:
         return self.grad_logits is not None
 
-    def block(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The gradient of columns ``[start, stop)`` as a new E x (stop - start) tensor
-        (only where every column has one: ``index`` is ``None``)."""
-        if self.is_factored:
-            out = torch.mm(self.embeddings.t(), self.grad_logits[:, start:stop])
-            return out.addcmul_(param[:, start:stop], self.scale[start:stop].unsqueeze(0), value=-1.0)
-        return self.values[:, start:stop].clone()
+    @property
+    def width(self) -> int:
+        """K: the number of columns given."""
+        return self.grad_logits.shape[1] if self.is_factored else self.values.shape[1]
 
-    def rows(self, param: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of the given columns' gradient ((stop - start) x K; a view for
-        ``columns``)."""
-        out = self.row_products(start, stop)
-        if self.is_factored:
-            self.correct_rows_(out, select_columns(param[start:stop], self.index))
-        return out
-
-    def row_products(self, start: int, stop: int) -> torch.Tensor:
-        """``rows`` without the ``factored`` form's column term (see :meth:`correct_rows_`)."""
+    def rows(self, param: torch.Tensor, start: int, stop: int,
+             current: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gradient of the given columns ``[start, stop)`` (positions in ``index``) as class
+        rows, (stop - start) x E: a new tensor for ``factored`` (``current``: those columns of
+        ``param`` as class rows, when the caller has them already), a view for ``columns``."""
         if not self.is_factored:
-            return self.values[start:stop]
-        return torch.mm(self.embeddings.t()[start:stop], self.grad_logits)
-
-    def correct_rows_(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        """Turn :meth:`row_products` rows into :meth:`rows` given those rows of ``param[:, index]``."""
-        return rows.addcmul_(columns, self.scale.unsqueeze(0), value=-1.0) if self.is_factored else rows
+            return self.values.t()[start:stop]
+        if current is None:
+            current = _rows_at(class_rows(param), self.index, start, stop)
+        if current.is_contiguous():     # class rows
+            out = torch.mm(self.grad_logits[:, start:stop].t(), self.embeddings)
+        else:                           # a block of a row-major parameter: computed in its layout
+            out = torch.mm(self.embeddings.t(), self.grad_logits[:, start:stop]).t()
+        return out.addcmul_(current, self.scale[start:stop].unsqueeze(1), value=-1.0)
 
     def explicit(self, param: torch.Tensor) -> "ColumnGradient":
-        """The same gradient as ``columns`` (its values computed at ``param``)."""
+        """The same gradient as ``columns`` (its values computed at ``param``; class-major)."""
         if not self.is_factored:
             return self
-        if self.index is None:
-            return ColumnGradient.columns(None, self.block(param, 0, param.shape[1]))
-        return ColumnGradient.columns(self.index, self.rows(param, 0, param.shape[0]))
+        values = self.embeddings.new_empty(self.width, self.embeddings.shape[1])
+        for start, stop in _chunks(self.width, param):
+            values[start:stop] = self.rows(param, start, stop)
+        return ColumnGradient.columns(self.index, values.t())
 
     def to_dense(self, param: torch.Tensor) -> torch.Tensor:
-        """The whole gradient as one E x C tensor (evaluated at ``param``'s current values)."""
+        """The whole gradient as one E x C tensor laid out like ``param`` (evaluated at its values)."""
         grad = self.explicit(param)
+        dense = torch.zeros_like(param)
         if grad.index is None:
-            return grad.values
-        return torch.zeros_like(param).index_copy_(1, grad.index, grad.values)
+            return dense.copy_(grad.values)
+        class_rows(dense).index_copy_(0, grad.index, grad.values.t())
+        return dense
 
     def square_norm(self, param: torch.Tensor) -> torch.Tensor:
         """Sum of squares (float32, a tensor: no host synchronisation); a ``factored`` gradient
-        is evaluated block by block, never whole."""
+        is evaluated a chunk of columns at a time, never whole."""
         if not self.is_factored:
             return self.values.float().pow(2).sum()
         total = torch.zeros((), dtype=torch.float32, device=param.device)
-        if self.index is None:
-            for start, stop in _blocks(param):
-                total = total + self.block(param, start, stop).float().pow(2).sum()
-        else:
-            for start, stop in _row_groups(param, self.index.numel()):
-                total = total + self.rows(param, start, stop).float().pow(2).sum()
+        for start, stop in _chunks(self.width, param):
+            total = total + self.rows(param, start, stop).float().pow(2).sum()
         return total
 
     def mul_(self, factor) -> "ColumnGradient":
@@ -146,71 +168,43 @@ class ColumnGradient:
             self.index, self.values = None, values
             return self
         union = torch.unique(torch.cat([self.index, other.index]))         # sorted
-        values = self.values.new_zeros(self.values.shape[0], union.shape[0])
-        values.index_copy_(1, torch.searchsorted(union, self.index), self.values)
+        rows = self.values.new_zeros(union.shape[0], self.values.shape[0])
+        rows.index_copy_(0, torch.searchsorted(union, self.index), self.values.t())
+        values = rows.t()
         _add_columns_(values, torch.searchsorted(union, other.index), other.values)
         self.index, self.values = union, values
         return self
 
 
-def select_columns(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``matrix[:, index]`` (a new tensor): ``torch.gather`` with the index broadcast over the rows,
-    2-3x faster on CPUs than ``index_select`` along dim 1."""
-    return torch.gather(matrix, 1, index.unsqueeze(0).expand(matrix.shape[0], -1))
-
-
-def put_columns_(matrix: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``matrix[:, index] = values`` in place (``scatter_``; ~2.5x faster than ``index_copy_`` there)."""
-    return matrix.scatter_(1, index.unsqueeze(0).expand(matrix.shape[0], -1), values)
-
-
-def _columns_of_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows[:, index]`` for a block of a few rows (one row: a 1-D ``index_select``, the fastest)."""
-    if rows.shape[0] == 1:
-        return rows[0].index_select(0, index).unsqueeze(0)
-    return select_columns(rows, index)
-
-
 def _add_columns_(values: torch.Tensor, index: torch.Tensor, addend: torch.Tensor) -> None:
-    """``values[:, index] += addend`` for unique ``index`` (index_select / index_copy: fast along dim 1)."""
-    values.index_copy_(1, index, values.index_select(1, index).add_(addend))
+    """``values[:, index] += addend`` for unique ``index`` (as class rows: a row gather and scatter)."""
+    rows = values.t()
+    rows.index_copy_(0, index, rows.index_select(0, index).add_(addend.t()))
 
 
-def _blocks(param: torch.Tensor):
-    """``[start, stop)`` column blocks of about :func:`_block_bytes` of ``param`` (E x C) each."""
-    rows, columns = param.shape
-    width = max(64, _block_bytes(param) // max(1, rows * param.element_size()))
-    for start in range(0, columns, width):
-        yield start, min(columns, start + width)
-
-
-def _row_blocks(param: torch.Tensor, start: int = 0, stop: Optional[int] = None):
-    """``[a, b)`` row blocks (contiguous) of about :func:`_block_bytes` of ``param`` each, within rows
-    ``[start, stop)``."""
-    stop = param.shape[0] if stop is None else stop
-    height = _rows_per_block(param)
-    for a in range(start, stop, height):
-        yield a, min(stop, a + height)
-
-
-def _row_groups(param: torch.Tensor, kept: Optional[int] = None):
-    """Groups of whole row blocks, each about ``_GROUP_BYTES`` of the ``kept`` given columns (at
-    least ``_GROUP_ROWS`` rows): a ``factored`` gradient's rows are one product per group (a
-    product per single row would read all of ``grad_logits`` E times)."""
-    rows, columns = param.shape
-    height = _rows_per_block(param)
-    wanted = max(_GROUP_ROWS, _GROUP_BYTES // max(1, (kept or columns) * param.element_size()))
-    group = max(height, wanted // height * height)
-    for start in range(0, rows, group):
-        yield start, min(rows, start + group)
+def _rows_at(rows: torch.Tensor, index: Optional[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """``rows[index[start:stop]]`` (a new tensor), or the slice ``rows[start:stop]`` when ``index`` is None."""
+    return rows[start:stop] if index is None else rows.index_select(0, index[start:stop])
 
 
 def _block_bytes(param: torch.Tensor) -> int:
     return _CPU_BLOCK_BYTES if param.device.type == "cpu" else _DEVICE_BLOCK_BYTES
 
 
-def _rows_per_block(param: torch.Tensor) -> int:
-    return max(1, _block_bytes(param) // max(1, param.shape[1] * param.element_size()))
+def _blocks(param: torch.Tensor):
+    """``[start, stop)`` blocks of classes (columns of the E x C ``param``), ~``_block_bytes`` each."""
+    rows, columns = param.shape
+    height = max(1, _block_bytes(param) // max(1, rows * param.element_size()))
+    for start in range(0, columns, height):
+        yield start, min(columns, start + height)
+
+
+def _chunks(count: int, param: torch.Tensor):
+    """``[start, stop)`` chunks of ``count`` given columns, ~``_CHUNK_BYTES`` of ``param``'s columns each."""
+    per_chunk = _CHUNK_BYTES if param.device.type == "cpu" else _DEVICE_BLOCK_BYTES
+    height = max(1, per_chunk // max(1, param.shape[0] * param.element_size()))
+    for start in range(0, count, height):
+        yield start, min(count, start + height)
 
 
 def column_grad(param: torch.Tensor) -> Optional[ColumnGradient]:
@@ -238,12 +232,145 @@ def materialize_column_grad(param: torch.Tensor) -> None:
     if grad is None:
         return
     with torch.no_grad():
+        flush_pending_(param)
         dense = grad.to_dense(param.detach())
         if param.grad is None:
             param.grad = dense
         else:
             param.grad.add_(dense)
 
+
+# ----------------------------------------------------------------------------------------------
+# Zero-gradient steps kept pending (negative sampling)
+
+Hyper = Tuple[float, float, float, float, bool]      # lr, momentum, dampening, weight_decay, nesterov
+
+
+def _step_map(hyper: Hyper, first: bool) -> Tuple[float, float, float, float]:
+    """``(a, b, c, d)``: one zero-gradient torch SGD step maps (weight w, momentum m) to
+    ``(a w + b m, c w + d m)``; ``first``: the step that creates the momentum buffer (``m = d_p``)."""
+    lr, momentum, dampening, decay, nesterov = hyper
+    if momentum == 0:
+        return 1.0 - lr * decay, 0.0, 0.0, 0.0
+    if first:      # m' = decay * w; update = decay * w (+ momentum * m' with Nesterov)
+        return 1.0 - lr * decay * (1.0 + momentum if nesterov else 1.0), 0.0, decay, 0.0
+    c, d = (1.0 - dampening) * decay, momentum      # m' = c w + d m
+    if nesterov:                                     # update = decay * w + momentum * m'
+        u_w, u_m = decay + momentum * c, momentum * d
+    else:
+        u_w, u_m = c, d
+    return 1.0 - lr * u_w, -lr * u_m, c, d
+
+
+def _compose(x, y):
+    """The map ``x`` after ``y`` (2 x 2 matrices as ``(a, b, c, d)`` rows)."""
+    return (x[0] * y[0] + x[1] * y[2], x[0] * y[1] + x[1] * y[3],
+            x[2] * y[0] + x[3] * y[2], x[2] * y[1] + x[3] * y[3])
+
+
+class PendingSteps:
+    """Zero-gradient SGD steps not yet applied to some columns of a parameter.
+
+    ``clock`` counts the sampled steps since this record began; ``last[j]`` is the clock at which
+    column ``j`` was last brought up to date, so it owes ``clock - last[j]`` steps of the map of
+    ``hyper``. ``fresh``: the momentum buffer was created with this record (all zeros), so a
+    column still at ``last == 0`` owes first the step that creates its buffer."""
+
+    def __init__(self, param: torch.Tensor, buffer: Optional[torch.Tensor], hyper: Hyper, fresh: bool) -> None:
+        self.buffer, self.hyper, self.fresh = buffer, hyper, fresh
+        self.clock = 0
+        self.last = torch.zeros(param.shape[1], dtype=torch.int32, device=param.device)
+        self._powers: List[Tuple[float, float, float, float]] = [(1.0, 0.0, 0.0, 1.0)]
+        self._table: Optional[torch.Tensor] = None
+
+    def _power_table(self, device) -> torch.Tensor:
+        """Rows ``n = 0 .. clock``: the map's n-th power (float64)."""
+        step = _step_map(self.hyper, first=False)
+        while len(self._powers) <= self.clock:
+            self._powers.append(_compose(step, self._powers[-1]))
+        if self._table is None or self._table.shape[0] != len(self._powers):
+            self._table = torch.tensor(self._powers, dtype=torch.float64, device=device)
+        return self._table
+
+    def coefficients(self, owed: torch.Tensor, never: Optional[torch.Tensor]) -> torch.Tensor:
+        """K x 4 float32 ``(a, b, c, d)`` of the maps that bring columns owing ``owed`` steps up to
+        date (``never``: columns whose first owed step is the buffer-creating one)."""
+        table = self._power_table(owed.device)
+        if never is None:
+            return table[owed].float()
+        plain = table[owed]
+        first = torch.tensor(_step_map(self.hyper, first=True), dtype=torch.float64, device=owed.device)
+        before = table[(owed - 1).clamp_(min=0)]
+        after_first = torch.stack([before[:, 0] * first[0] + before[:, 1] * first[2],
+                                   before[:, 0] * first[1] + before[:, 1] * first[3],
+                                   before[:, 2] * first[0] + before[:, 3] * first[2],
+                                   before[:, 2] * first[1] + before[:, 3] * first[3]], dim=1)
+        return torch.where(never.unsqueeze(1), after_first, plain).float()
+
+    def bring_up_to_date_(self, rows: torch.Tensor, momentum: Optional[torch.Tensor],
+                          last: torch.Tensor) -> bool:
+        """Apply what the columns of ``rows`` (class rows, their momentum rows alike) owe, in place;
+        ``last`` is their slice or gather of :attr:`last` (updated by the caller). Returns whether
+        anything was owed (on a GPU: always True, nothing is read back)."""
+        owed = self.clock - last
+        if rows.device.type == "cpu" and not bool(owed.any()):
+            return False
+        never = (last == 0) & (owed > 0) if self.fresh else None
+        coef = self.coefficients(owed, never).unsqueeze(2)       # K x 4 x 1
+        if momentum is None:
+            rows.mul_(coef[:, 0])
+            return True
+        weights = rows.clone()
+        rows.mul_(coef[:, 0]).addcmul_(momentum, coef[:, 1])
+        momentum.mul_(coef[:, 3]).addcmul_(weights, coef[:, 2])
+        return True
+
+
+def pending_steps(param: torch.Tensor) -> Optional[PendingSteps]:
+    """The :class:`PendingSteps` of ``param`` (``None``: every column is up to date)."""
+    return getattr(param, _PENDING_ATTR, None)
+
+
+def drop_pending(param: torch.Tensor) -> None:
+    """Forget the pending steps of ``param`` without applying them (its values were replaced)."""
+    if pending_steps(param) is not None:
+        setattr(param, _PENDING_ATTR, None)
+
+
+@torch.no_grad()
+def current_rows(param: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``param[:, index]`` as class rows (K x E, a new tensor), brought up to date first (written
+    back into ``param`` and its momentum) if they owe pending steps."""
+    rows = class_rows(param).index_select(0, index)
+    pending = pending_steps(param)
+    if pending is None:
+        return rows
+    last = pending.last.index_select(0, index)
+    momentum = None if pending.buffer is None else class_rows(pending.buffer).index_select(0, index)
+    if pending.bring_up_to_date_(rows, momentum, last):
+        class_rows(param).index_copy_(0, index, rows)
+        if momentum is not None:
+            class_rows(pending.buffer).index_copy_(0, index, momentum)
+        pending.last.index_fill_(0, index, pending.clock)
+    return rows
+
+
+@torch.no_grad()
+def flush_pending_(param: torch.Tensor) -> None:
+    """Apply every pending step of ``param`` (a block of classes at a time) and forget the record."""
+    pending = pending_steps(param)
+    if pending is None:
+        return
+    rows = class_rows(param)
+    momentum = None if pending.buffer is None else class_rows(pending.buffer)
+    for start, stop in _blocks(param):
+        block_momentum = None if momentum is None else momentum[start:stop]
+        pending.bring_up_to_date_(rows[start:stop], block_momentum, pending.last[start:stop])
+    setattr(param, _PENDING_ATTR, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
 
 def fused_step_supported(group: dict) -> bool:
     """Whether :func:`sgd_step_` implements this ``torch.optim.SGD`` parameter group's options."""
@@ -256,50 +383,61 @@ def sgd_step_(param: torch.Tensor, grad: ColumnGradient, state: dict, *, lr: flo
               dampening: float, weight_decay: float, nesterov: bool) -> None:
     """One ``torch.optim.SGD`` step of ``param`` (E x C) with gradient ``grad``; ``state`` is the
     optimizer's state of ``param`` (its ``momentum_buffer`` is created on the first step, as torch
-    does). Per block: ``d = g + weight_decay * p``; ``buf = momentum * buf + (1 - dampening) * d``
-    (``buf = d`` the first time); ``p -= lr * (d + momentum * buf if nesterov else buf)``.
-    A ``factored`` gradient of every column goes column block by column block (each block's
-    gradient is one small product); the others row block by row block (contiguous), a block's ``d``
-    being ``weight_decay * p`` with the given columns' ``g + weight_decay * p`` written in, their
-    ``g`` computed for a group of rows at a time (:func:`_row_groups`)."""
-    p = param.detach()
+    does, laid out like ``param``). Per column: ``d = g + weight_decay * p``; ``buf = momentum *
+    buf + (1 - dampening) * d`` (``buf = d`` the first time); ``p -= lr * (d + momentum * buf if
+    nesterov else buf)``. A gradient of every column goes a block of classes at a time; one of some
+    columns steps those (a chunk at a time) and leaves the others' zero-gradient step pending."""
     buf = state.get("momentum_buffer") if momentum != 0 else None
     first = momentum != 0 and buf is None
-    if first:
-        buf = torch.empty_like(p)
-        state["momentum_buffer"] = buf
-    if grad.is_factored and grad.index is None:
-        for start, stop in _blocks(p):
-            d = grad.block(p, start, stop)
-            if weight_decay != 0:
-                d.add_(p[:, start:stop], alpha=weight_decay)
-            _update_(p[:, start:stop], d, None if buf is None else buf[:, start:stop], first, lr, momentum,
-                     dampening, nesterov)
+    hyper: Hyper = (float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
+    if grad.index is None:
+        flush_pending_(param)
+        if first:
+            buf = state["momentum_buffer"] = torch.empty_like(param.detach())
+        _step_all_columns(param, grad, buf, first, hyper)
         return
-    scratch = None
-    for group_start, group_stop in _row_groups(p, None if grad.index is None else grad.index.numel()):
-        products = grad.row_products(group_start, group_stop)     # one product for the group's rows
-        for start, stop in _row_blocks(p, group_start, group_stop):
-            p_rows, g_rows = p[start:stop], products[start - group_start:stop - group_start]
-            if scratch is None or scratch.shape[0] != stop - start:
-                scratch = torch.empty_like(p_rows)
-            if grad.index is None:
-                d = (torch.add(g_rows, p_rows, alpha=weight_decay, out=scratch) if weight_decay != 0
-                     else scratch.copy_(g_rows))
-            else:
-                d = torch.mul(p_rows, weight_decay, out=scratch) if weight_decay != 0 else scratch.zero_()
-                columns = _columns_of_rows(p_rows, grad.index)   # gathered while the rows are in cache
-                g_rows = grad.correct_rows_(g_rows, columns)
-                if weight_decay != 0:
-                    g_rows = g_rows.add(columns, alpha=weight_decay)
-                put_columns_(d, grad.index, g_rows)
-            _update_(p_rows, d, None if buf is None else buf[start:stop], first, lr, momentum, dampening,
-                     nesterov)
+    pending = pending_steps(param)
+    if pending is not None and (pending.hyper != hyper or pending.buffer is not buf):
+        flush_pending_(param)                 # owed under the old settings: applied with them
+        pending = None
+    if first:
+        buf = state["momentum_buffer"] = torch.zeros_like(param.detach())
+    if pending is None and (momentum != 0 or weight_decay != 0):    # otherwise the others never move
+        pending = PendingSteps(param, buf, hyper, fresh=first)
+        setattr(param, _PENDING_ATTR, pending)
+    rows = class_rows(param)
+    momentum_rows = None if buf is None else class_rows(buf)
+    for start, stop in _chunks(grad.width, param):
+        index = grad.index[start:stop]
+        current = current_rows(param, index)
+        d = grad.rows(param, start, stop, current=current)
+        d = torch.add(d, current, alpha=weight_decay) if weight_decay != 0 else d.clone()
+        buf_rows = None if momentum_rows is None else momentum_rows.index_select(0, index)
+        _update_(current, d, buf_rows, first, hyper)
+        rows.index_copy_(0, index, current)
+        if buf_rows is not None:
+            momentum_rows.index_copy_(0, index, buf_rows)
+    if pending is not None:
+        pending.clock += 1
+        pending.last.index_fill_(0, grad.index, pending.clock)
 
 
-def _update_(p: torch.Tensor, d: torch.Tensor, buf: Optional[torch.Tensor], first: bool, lr: float,
-             momentum: float, dampening: float, nesterov: bool) -> None:
+def _step_all_columns(param: torch.Tensor, grad: ColumnGradient, buf: Optional[torch.Tensor], first: bool,
+                      hyper: Hyper) -> None:
+    """torch's step with a gradient of every column, a block of classes at a time."""
+    rows = class_rows(param)
+    momentum_rows = None if buf is None else class_rows(buf)
+    weight_decay = hyper[3]
+    for start, stop in _blocks(param):
+        block = rows[start:stop]
+        g = grad.rows(param, start, stop, current=block)
+        d = torch.add(g, block, alpha=weight_decay) if weight_decay != 0 else g.clone()
+        _update_(block, d, None if momentum_rows is None else momentum_rows[start:stop], first, hyper)
+
+
+def _update_(p: torch.Tensor, d: torch.Tensor, buf: Optional[torch.Tensor], first: bool, hyper: Hyper) -> None:
     """torch's SGD update of one block, in place; ``d``: the block's decayed gradient (scratch)."""
+    lr, momentum, dampening, _, nesterov = hyper
     if buf is not None:
         if first:
             buf.copy_(d)
