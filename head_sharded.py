@@ -210,19 +210,22 @@ class _ShardedMarginLoss(torch.autograd.Function):
         logits, state = margin_logits_forward(embeddings, kernel, labels, angular, additive, s, eps,
                                               has_target)
         batch = logits.shape[0]
-        row_max = logits.amax(1)
-        if world > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        sums = torch.empty(2, batch, dtype=logits.dtype, device=logits.device)
+        stats = torch.empty(3, batch, dtype=logits.dtype, device=logits.device)
+        torch.amax(logits, 1, out=stats[0])                        # this shard's row maxima
         rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[1]))
         for start in range(0, batch, rows):
-            block = logits[start:start + rows] - row_max[start:start + rows, None]
-            sums[0, start:start + rows] = block.exp_().sum(1)
-        sums[1] = logits.gather(1, labels).reshape(-1) * has_target.reshape(-1)
-        if world > 1:
-            dist.all_reduce(sums, group=group)                      # sum of exp, target logit
-        loss = (sums[0].log() + row_max - sums[1]).mean()
-        ctx.state, ctx.row_max, ctx.sum_exp, ctx.has_target = state, row_max, sums[0], has_target
+            block = logits[start:start + rows] - stats[0, start:start + rows, None]
+            stats[1, start:start + rows] = block.exp_().sum(1)
+        stats[2] = logits.gather(1, labels).reshape(-1) * has_target.reshape(-1)
+        if world > 1:   # one collective: every shard's (max, sum of exp below it, target logit)
+            shards = _all_gather(stats, group).view(world, 3, batch)
+            row_max = shards[:, 0].amax(0)
+            sum_exp = (shards[:, 1] * (shards[:, 0] - row_max).exp_()).sum(0)
+            target = shards[:, 2].sum(0)
+        else:
+            row_max, sum_exp, target = stats[0], stats[1], stats[2]
+        loss = (sum_exp.log() + row_max - target).mean()
+        ctx.state, ctx.row_max, ctx.sum_exp, ctx.has_target = state, row_max, sum_exp, has_target
         ctx.sink = sink
         return loss
 
@@ -426,6 +429,20 @@ class ShardedMarginHead(MarginHead):
             return tensor
         return _AllGather.apply(tensor, self.group) if grad else _all_gather(tensor, self.group)
 
+    def _gather_batch(self, embeddings: torch.Tensor, labels: torch.Tensor, norms: Optional[torch.Tensor]):
+        """The global batch's embeddings (with the all-gather's backward), labels and (if given)
+        norms, in one collective: the labels' int64 bits and the norms ride along as columns."""
+        if self.world == 1:
+            return embeddings, labels, norms
+        parts = [embeddings, labels.reshape(-1, 1).view(torch.float32)]  # 2 float32 columns of bits
+        if norms is not None:
+            parts.append(norms)
+        packed = _AllGather.apply(torch.cat(parts, dim=1), self.group)
+        width = embeddings.shape[1]
+        labels = packed[:, width:width + 2].detach().contiguous().view(torch.int64).reshape(-1)
+        norms = packed[:, width + 2:].detach() if norms is not None else None
+        return packed[:, :width], labels, norms
+
     def forward(self, embbedings: torch.Tensor, norms: Optional[torch.Tensor], label: torch.Tensor,
                 step: Optional[int] = None) -> torch.Tensor:
         """Cross-entropy (mean over the global batch) of the margin logits of all shards."""
@@ -438,20 +455,21 @@ class ShardedMarginHead(MarginHead):
         if label.numel() != local_batch:
             raise LabelError(f"labels must hold one class index per embedding: got shape "
                              f"{tuple(label.shape)} for {local_batch} embeddings")
+        adaface = isinstance(self, AdaFace)
+        if adaface and (norms is None or norms.numel() != local_batch):
+            raise ValueError("AdaFace needs one feature norm per embedding: call head(embeddings, norms, labels)")
         with torch.autocast(device_type=embbedings.device.type, enabled=False):
-            embeddings = self._gather(embbedings.float(), grad=True)
+            norms = norms.detach().float().reshape(-1, 1) if adaface else None
+            global_norms = adaface and self.stats == "global"
+            embeddings, labels, gathered_norms = self._gather_batch(embbedings.float(), label.reshape(-1).long(),
+                                                                    norms if global_norms else None)
             batch = embeddings.shape[0]
-            labels = check_labels(self._gather(label.reshape(-1).long()), self.classnum, batch)
-            if isinstance(self, AdaFace):
-                if norms is None or norms.numel() != local_batch:
-                    raise ValueError("AdaFace needs one feature norm per embedding: call "
-                                     "head(embeddings, norms, labels)")
-                norms = norms.detach().float().reshape(-1, 1)
-                if self.stats == "local":   # own samples' margins from own statistics, then gathered
-                    angular, additive = self.target_margins(norms, local_batch)
-                    angular, additive = self._gather(angular), self._gather(additive)
-                else:
-                    angular, additive = self.target_margins(self._gather(norms), batch)
+            labels = check_labels(labels, self.classnum, batch)
+            if global_norms:
+                angular, additive = self.target_margins(gathered_norms, batch)
+            elif adaface:                   # own samples' margins from own statistics, then gathered
+                angular, additive = self.target_margins(norms, local_batch)
+                angular, additive = self._gather(angular), self._gather(additive)
             else:
                 angular, additive = self.target_margins(None, batch)
             local_labels = labels - self.start
