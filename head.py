@@ -270,7 +270,8 @@ def column_norms(matrix: torch.Tensor, rows_per_block: int = 32) -> torch.Tensor
     """L2 norm of every column of ``matrix`` (E x C), summing squares over blocks of rows.
 
     Several times faster on CPUs than ``torch.norm(matrix, 2, 0)`` for a wide E x C kernel, and
-    without an E x C temporary.
+    without an E x C temporary. A class-major ``matrix`` (the transposed view of a contiguous
+    C x E tensor) takes each column's norm from its contiguous row instead.
     """
     if matrix.dim() == 2 and matrix.shape[0] > 1 and not matrix.is_contiguous() and matrix.t().is_contiguous():
         classes = matrix.t()      # class-major storage (the sampled sharded head's): a column is a row

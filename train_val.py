@@ -76,7 +76,9 @@ class SGD(optim.SGD):
     A parameter whose gradient is kept as a :class:`utils.column_sgd.ColumnGradient` (the sharded
     head's kernel) is stepped by :func:`utils.column_sgd.sgd_step_`: torch's arithmetic with that
     gradient, without a dense ``param.grad`` (which it is turned into where a group's options need
-    torch's own step, or where ``param.grad`` exists too). ``zero_grad`` clears it as well."""
+    torch's own step, or where ``param.grad`` exists too). ``zero_grad`` clears it as well. A
+    gradient of some columns (negative sampling) leaves the other columns' steps pending;
+    ``state_dict`` (a checkpoint) and any dense step apply them first."""
 
     @torch.no_grad()
     def step(self, closure=None):
