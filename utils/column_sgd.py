@@ -125,9 +125,10 @@ class ColumnGradient:
     def to_dense(self, param: torch.Tensor) -> torch.Tensor:
         """The whole gradient as one E x C tensor laid out like ``param`` (evaluated at its values)."""
         grad = self.explicit(param)
+        if grad.index is None:      # no second E x C copy where the layouts agree
+            values = grad.values
+            return values if values.stride() == param.stride() else torch.empty_like(param).copy_(values)
         dense = torch.zeros_like(param)
-        if grad.index is None:
-            return dense.copy_(grad.values)
         class_rows(dense).index_copy_(0, grad.index, grad.values.t())
         return dense
 
@@ -284,11 +285,12 @@ class PendingSteps:
         self._table: Optional[torch.Tensor] = None
 
     def _power_table(self, device) -> torch.Tensor:
-        """Rows ``n = 0 .. clock``: the map's n-th power (float64)."""
-        step = _step_map(self.hyper, first=False)
-        while len(self._powers) <= self.clock:
-            self._powers.append(_compose(step, self._powers[-1]))
-        if self._table is None or self._table.shape[0] != len(self._powers):
+        """Rows ``n = 0 .. at least clock``: the map's n-th power (float64). Grown by doubling, so
+        it is rebuilt O(log clock) times in a run, not at every step."""
+        if self._table is None or self._table.shape[0] <= self.clock:
+            step = _step_map(self.hyper, first=False)
+            while len(self._powers) <= 2 * self.clock:
+                self._powers.append(_compose(step, self._powers[-1]))
             self._table = torch.tensor(self._powers, dtype=torch.float64, device=device)
         return self._table
 

@@ -163,7 +163,8 @@ def add_partial_fc_arguments(p: argparse.ArgumentParser) -> None:
     pfc.add_argument("--partial_fc_dense_grad", action="store_true",
                      help="with --partial_fc: keep the kernel's gradient as a dense kernel.grad (E x its "
                           "classes per process; what 16-mixed does, and arcface_torch) instead of the compact "
-                          "form the fused SGD step reads (utils/column_sgd.py); same updates, more memory")
+                          "form the fused SGD step reads (utils/column_sgd.py); same updates (to float32 rounding "
+                          "with --sample_rate < 1), more memory and time")
     pfc.add_argument("--gradient_clip_val", type=float, default=0.0,
                      help="clip the global gradient norm (over all shards with --partial_fc) to this "
                           "value; 0 = no clipping")
