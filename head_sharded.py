@@ -61,10 +61,11 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 STATS_MODES = ("global", "local")
-_CHUNK_ELEMENTS = 1 << 16     # softmax temporaries (rows of the logits) of forward and backward: floats at a time
+_CHUNK_ELEMENTS = 1 << 18     # softmax temporaries (rows of the logits) of forward and backward: floats at a time
 _KEPT_CHUNK_ELEMENTS = 1 << 18    # kept columns gathered at a time (one product each): floats
 _INIT_ROWS = 16               # kernel rows drawn before they are written into the class-major shard
 _INIT_CLASSES = 4096          # classes renormalised at a time
+_SCORE_CHUNK = 1 << 16        # negative sampling's uniform scores drawn at a time (CPU)
 
 
 def shard_bounds(classnum: int, world: int, rank: int) -> Tuple[int, int]:
@@ -242,14 +243,14 @@ class _ShardedMarginLoss(torch.autograd.Function):
         target_logits = logits.gather(1, state.labels)
         col = torch.zeros_like(state.inv_norm)
         factor = grad_loss / batch
-        not_target = -ctx.has_target.to(logits.dtype)
+        row_factor = factor / ctx.sum_exp                      # (softmax - one-hot) * factor, one pass
+        not_target = -ctx.has_target.to(logits.dtype) * factor
         targets = []
         rows = max(1, _CHUNK_ELEMENTS // max(1, width))
         for start in range(0, batch, rows):
             block = slice(start, start + rows)
-            grad = torch.sub(logits[block], ctx.row_max[block, None]).exp_().div_(ctx.sum_exp[block, None])
-            grad.scatter_add_(1, state.labels[block], not_target[block])   # softmax - one-hot
-            grad.mul_(factor)
+            grad = torch.sub(logits[block], ctx.row_max[block, None]).exp_().mul_(row_factor[block, None])
+            grad.scatter_add_(1, state.labels[block], not_target[block])
             targets.append(margin_grad_rows_(grad, state, block, scale))
             col += (grad * logits[block]).sum(0)
             logits[block] = grad
@@ -363,22 +364,60 @@ def sample_seed(seed: int, rank: int, step: int) -> int:
 def sample_columns(local_labels: torch.Tensor, has_target: torch.Tensor, n_local: int, rate: float,
                    generator: torch.Generator) -> torch.Tensor:
     """Sorted local class indices to keep: every positive, then uniform negatives up to
-    ``min(n_local, max(ceil(rate * n_local), B))`` columns (a fixed count: no host synchronisation)."""
+    ``min(n_local, max(ceil(rate * n_local), B))`` columns (a fixed count: no host synchronisation).
+
+    The rule: one uniform score per class (``torch.rand(n_local)`` from ``generator``), 2 for the
+    positives, keep the top ``keep`` (on the CPU ties at the boundary go to the lower class index;
+    on a GPU as ``topk`` has them). On the CPU the scores are drawn :data:`_SCORE_CHUNK` at a
+    time (the same numbers as one draw: the CPU stream is sequential) and only those above a
+    threshold are kept as candidates: the top ``keep`` lie above it but for a chance below 1e-8,
+    so dropping the lowest of those few candidates gives the same set without any full-length
+    array (8 MiB of scores at 2M classes, and topk's copies); when too few pass, the scores are
+    drawn again whole."""
     device = local_labels.device
     keep = min(n_local, max(math.ceil(rate * n_local), local_labels.shape[0]))
-    score = torch.rand(n_local, generator=generator, device=device)
-    positive = has_target.reshape(-1).to(score.dtype) * 2.0    # positives outrank every negative
-    score.scatter_reduce_(0, local_labels.reshape(-1), positive, reduce="amax")
-    fraction = (keep + 6.0 * math.sqrt(keep) + 16.0) / n_local
+    fraction = _candidate_fraction(keep, n_local)
+    positives = local_labels.reshape(-1)[has_target.reshape(-1)]
     if device.type == "cpu" and fraction < 0.5:
-        # the top `keep` of all scores lie above a threshold that more than `keep` of the uniform
-        # scores pass but for a chance below 1e-8: topk over those few candidates gives the same
-        # set without topk's full-length copies (24 MiB at 2M classes)
-        candidates = (score >= 1.0 - fraction).nonzero().reshape(-1)
+        restart = generator.get_state()
+        positives = torch.unique(positives)                                 # sorted
+        found, values = [], []
+        for start in range(0, n_local, _SCORE_CHUNK):
+            score = torch.rand(min(_SCORE_CHUNK, n_local - start), generator=generator)
+            mine = positives[(positives >= start) & (positives < start + score.shape[0])]
+            score.index_fill_(0, mine - start, 2.0)                         # positives outrank every negative
+            hit = (score >= 1.0 - fraction).nonzero().reshape(-1)
+            values.append(score[hit])
+            found.append(hit.add_(start))
+        candidates, value = torch.cat(found), torch.cat(values)             # candidates ascending
         if candidates.numel() >= keep:
-            chosen = score[candidates].topk(keep, sorted=False).indices
-            return candidates[chosen].sort().values
+            return _top_scores(candidates, value, keep)
+        generator.set_state(restart)
+    score = torch.rand(n_local, generator=generator, device=device)
+    score.scatter_reduce_(0, positives, score.new_full(positives.shape, 2.0), reduce="amax")
+    if device.type == "cpu":
+        return _top_scores(torch.arange(n_local), score, keep)
     return score.topk(keep, sorted=False).indices.sort().values
+
+
+def _candidate_fraction(keep: int, n_local: int) -> float:
+    """A share of uniform scores that more than ``keep`` of ``n_local`` pass but for a chance
+    below 1e-8 (the mean plus six standard deviations, and some)."""
+    return (keep + 6.0 * math.sqrt(keep) + 16.0) / n_local
+
+
+def _top_scores(index: torch.Tensor, score: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` entries of ascending ``index`` with the highest ``score``, ties at the boundary
+    going to the lower index, ascending. Drops the lowest ``len - keep`` (few, from the candidates)
+    rather than sorting or copying nearly all."""
+    surplus = index.numel() - keep
+    if surplus == 0:
+        return index
+    boundary = score.topk(surplus, largest=False, sorted=False).values.max()
+    drop = score < boundary
+    ties = (score == boundary).nonzero().reshape(-1)
+    drop[ties[ties.numel() - (surplus - int(drop.sum())):]] = True     # the highest indices among the ties
+    return index[~drop]
 
 
 def _apply_pending_steps(module: "ShardedMarginHead", prefix: str, keep_vars: bool) -> None:

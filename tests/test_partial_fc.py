@@ -447,6 +447,45 @@ def test_sample_columns_keeps_positives_even_when_they_fill_the_budget():
     assert kept.numel() == 20 and torch.equal(kept, labels.reshape(-1))
 
 
+
+def _sample_reference(labels, has_target, n_local, rate, generator):
+    """The sampling rule done the straightforward way: all scores in one draw, 2 for positives,
+    a stable sort (ties: the lower index first), the first ``keep``."""
+    keep = min(n_local, max(math.ceil(rate * n_local), labels.shape[0]))
+    score = torch.rand(n_local, generator=generator)
+    score[labels.reshape(-1)[has_target.reshape(-1)]] = 2.0
+    return torch.sort(score, descending=True, stable=True).indices[:keep].sort().values
+
+
+@pytest.mark.parametrize("n_local, rate, batch", [(300_000, 0.1, 64), (70_000, 0.05, 128), (1000, 0.1, 16)])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_sample_columns_equals_the_straightforward_rule(monkeypatch, n_local, rate, batch, fallback):
+    """The chunked candidate draw (and, when too few scores pass its threshold, the whole draw it
+    falls back to) keeps the same classes as one full draw and a sort, and leaves the generator
+    where one full draw leaves it."""
+    import head_sharded
+
+    if fallback:       # a threshold that too few pass: the rare path, made certain
+        monkeypatch.setattr(head_sharded, "_candidate_fraction", lambda keep, n: 0.5 * keep / n)
+    g = torch.Generator().manual_seed(batch)
+    labels = torch.randint(0, n_local, (batch, 1), generator=g)
+    has_target = torch.rand(batch, 1, generator=g) < 0.7
+    mine, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    kept = sample_columns(labels, has_target, n_local, rate, mine)
+    assert torch.equal(kept, _sample_reference(labels, has_target, n_local, rate, theirs))
+    assert torch.equal(torch.rand(4, generator=mine), torch.rand(4, generator=theirs))
+
+
+def test_sample_columns_breaks_ties_at_the_boundary_towards_the_lower_index():
+    from head_sharded import _top_scores
+
+    g = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 6, (500,), generator=g).float()       # many ties at every value
+    for keep in (0, 1, 137, 250, 499, 500):
+        order = torch.sort(score, descending=True, stable=True).indices[:keep].sort().values
+        index = torch.arange(1000, 1500)
+        assert torch.equal(_top_scores(index, score, keep), index[order])
+
 def test_kept_columns_are_read_in_chunks_as_from_a_copy(monkeypatch):
     """Training's sampled head (deferred kernel gradient) reads the kept columns in place, 7
     classes at a time here: loss, embedding gradient and kernel gradient equal the path that
