@@ -524,7 +524,7 @@ class ShardedMarginHead(MarginHead):
                 generator.manual_seed(sample_seed(self.seed, self.rank, step))
                 index = sample_columns(local_labels.clamp(0, self.stop - self.start - 1), has_target,
                                        self.stop - self.start, self.sample_rate, generator)
-                self.sampled_classes = index + self.start          # kept classes (global ids)
+                self.sampled_classes = index + self.start if self.start else index   # kept classes (global ids)
                 if defer:
                     kernel, sink.index = _KeptColumns(self.kernel, index), index
                 else:
