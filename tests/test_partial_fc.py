@@ -613,19 +613,22 @@ def tiny_data(tmp_path_factory):
     return data
 
 
-def _run_main(data: Path, out: Path, *extra: str, processes: int = 2):
+def _main_command(data: Path, out: Path, *extra: str, processes: int = 2):
     """``main.py`` on ``tiny_data`` (ir_tiny, global batch 8, 1 epoch unless ``extra`` says otherwise)."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, str(REPO / "main.py"), "--data_root", str(data), "--train_data_path", ".",
            "--val_data_path", ".", "--gpus", "0", "--arch", "ir_tiny", "--batch_size", "8",
            "--num_workers", "0", "--output_dir", str(out), "--seed", "7",
            "--cpu_processes", str(processes), *extra]
-    if "--epochs" not in extra:
-        cmd += ["--epochs", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return cmd if "--epochs" in extra else cmd + ["--epochs", "1"]
+
+
+def _run_main(data: Path, out: Path, *extra: str, processes: int = 2):
+    import subprocess
+
+    proc = subprocess.run(_main_command(data, out, *extra, processes=processes), cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -666,6 +669,39 @@ def test_main_partial_fc_on_two_gloo_processes(pfc_run):
     assert kernel.shape == momentum.shape == (512, 6) and kernel.dtype == torch.float32
     assert momentum[:, :3].abs().sum() > 0 and momentum[:, 3:].abs().sum() > 0   # both ranks' classes
     torch.testing.assert_close(kernel.norm(dim=0), torch.ones(6), atol=0.2, rtol=0)
+
+
+def test_two_nodes_of_one_process_are_one_node_of_two(pfc_run, tiny_data, tmp_path):
+    """``--num_nodes 2 --cpu_processes 1``, one launch per node with ``NODE_RANK``, ``MASTER_ADDR``
+    and ``MASTER_PORT`` (what torchrun or SLURM set) and a shared output folder: global ranks,
+    shards and the whole run are those of one node with 2 processes, checkpoint bit for bit. One
+    torch thread per process, as Lightning gives each of 2 processes on this 2-CPU node (another
+    thread count sums the convolutions in another order)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = _main_command(tiny_data, out, "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5",
+                        "--num_nodes", "2", processes=1)
+    nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "NODE_RANK": str(node),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for node in (0, 1)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "classes [0, 3) of 6 on rank 0 of 2" in logs[0] and "classes [3, 6) of 6 on rank 1 of 2" in logs[1]
+    one_node, two_nodes = read_checkpoint(pfc_run[0] / "last.ckpt"), read_checkpoint(out / "last.ckpt")
+    assert two_nodes["global_step"] == one_node["global_step"] >= 3
+    assert one_node["state_dict"].keys() == two_nodes["state_dict"].keys()
+    for key, value in one_node["state_dict"].items():
+        assert torch.equal(two_nodes["state_dict"][key], value), key
+    ours, theirs = (c["optimizer_states"][0]["state"] for c in (two_nodes, one_node))
+    assert ours.keys() == theirs.keys()
+    for index in theirs:
+        assert torch.equal(ours[index]["momentum_buffer"], theirs[index]["momentum_buffer"]), index
 
 
 def test_main_partial_fc_bf16_mixed(tiny_data, tmp_path):
