@@ -124,13 +124,25 @@ def _world_rank(group) -> Tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def _collective(new_name: str, old_name: str):
+    """``torch.distributed``'s single-tensor collective under its current name, or under the name
+    torch used before it (``all_gather_into_tensor``, ``reduce_scatter_tensor``: torch < 2.1x)."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
+
+
+def _reduce_scatter_supported(group) -> bool:
+    """Whether the embeddings' gradient is reduce-scattered (NCCL) rather than all-reduced and
+    sliced (gloo: not every torch version has its reduce-scatter)."""
+    return dist.get_backend(group) == "nccl"
+
+
 def _all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
     """Concatenation over the ranks (dim 0) of equally shaped tensors; no autograd."""
     world = dist.get_world_size(group)
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
-    dist.all_gather_single(out, tensor, group=group)
+    _collective("all_gather_single", "all_gather_into_tensor")(out, tensor, group=group)
     return out
 
 
@@ -146,12 +158,12 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         group, rows = ctx.group, ctx.rows
         grad = grad.contiguous()
-        if dist.get_backend(group) == "nccl":
+        if _reduce_scatter_supported(group):
             out = torch.empty((rows,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_single(out, grad, group=group)
+            _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, grad, group=group)
             return out, None
         grad = grad.clone()
-        dist.all_reduce(grad, group=group)                       # gloo has no reduce-scatter
+        dist.all_reduce(grad, group=group)
         rank = dist.get_rank(group)
         return grad[rank * rows:(rank + 1) * rows].contiguous(), None
 

@@ -349,6 +349,35 @@ def check_resume(groups: dict, rank: int, path: str) -> dict:
     return out
 
 
+def check_collective_paths(group, world: int, rank: int) -> dict:
+    """The embeddings' gradient through the reduce-scatter branch (NCCL's; gloo here has it too)
+    and through torch's older names of the two collectives, against the all-reduce branch."""
+    import head_sharded
+
+    emb, norms, labels, _ = _batch(world, 0)
+    saved = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")
+             if hasattr(dist, name)}
+    branch = head_sharded._reduce_scatter_supported
+    grads = {}
+    try:
+        for path in ("all_reduce", "reduce_scatter", "old_names"):
+            head_sharded._reduce_scatter_supported = lambda group, scatter=path != "all_reduce": scatter
+            if path == "old_names":        # torch before all_gather_single / reduce_scatter_single
+                for name in saved:
+                    delattr(dist, name)
+            _, sharded = _heads("cosface", C, group)
+            e = emb[_rows(rank)].clone().requires_grad_(True)
+            sharded(e, norms[_rows(rank)], labels[_rows(rank)]).backward()
+            grads[path] = e.grad
+    finally:
+        head_sharded._reduce_scatter_supported = branch
+        for name, collective in saved.items():
+            setattr(dist, name, collective)
+    return {"reduce_scatter": _rel(grads["reduce_scatter"], grads["all_reduce"]),
+            "old_names": _rel(grads["old_names"], grads["all_reduce"]),
+            "nonzero": bool(grads["all_reduce"].abs().sum() > 0)}
+
+
 def _worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
@@ -362,6 +391,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
                 results[size] = run_checks(groups[size], size, rank)
             dist.barrier()
         results[world]["resume"] = check_resume(groups, rank, os.path.join(folder, "w4.ckpt"))
+        results[world]["collectives"] = check_collective_paths(groups[world], world, rank)
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))  # plain dicts of numbers
     finally:
         dist.destroy_process_group()
@@ -397,6 +427,12 @@ def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
     _assert_results(gloo_results[4], "resume")
     assert {"resume_at_1", "resume_at_2", "resume_at_3", "published_layout", "disk_save_equal",
             "disk_save_crc32", "raw_files_removed"} <= set(gloo_results[4][0]["resume"])
+
+
+def test_reduce_scatter_branch_and_older_collective_names_agree(gloo_results):
+    """NCCL's branch of the all-gather's backward (forced on gloo) and torch < 2.1x's collective
+    names give the embeddings' gradient of the default branch."""
+    _assert_results(gloo_results[4], "collectives")
 
 
 @pytest.mark.parametrize("name", CHECKS)
