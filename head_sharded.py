@@ -532,6 +532,7 @@ class ShardedMarginHead(MarginHead):
                 flush_pending_(self.kernel)          # (only a sampled step leaves steps pending)
             else:
                 step = self._calls if step is None else step
+                self.sampled_classes = None           # the last step's: freed before this one's is drawn
                 generator = torch.Generator(device=kernel.device)
                 generator.manual_seed(sample_seed(self.seed, self.rank, step))
                 index = sample_columns(local_labels.clamp(0, self.stop - self.start - 1), has_target,
