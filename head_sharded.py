@@ -125,8 +125,8 @@ def _world_rank(group) -> Tuple[int, int]:
 
 
 def _collective(new_name: str, old_name: str):
-    """``torch.distributed``'s single-tensor collective under its current name, or under the name
-    torch used before it (``all_gather_into_tensor``, ``reduce_scatter_tensor``: torch < 2.1x)."""
+    """``torch.distributed``'s single-tensor collective under its current name, or, on a torch
+    that predates that name, under the one it had (``all_gather_into_tensor``, ``reduce_scatter_tensor``)."""
     return getattr(dist, new_name, None) or getattr(dist, old_name)
 
 
@@ -226,9 +226,12 @@ class _ShardedMarginLoss(torch.autograd.Function):
         stats = torch.empty(3, batch, dtype=logits.dtype, device=logits.device)
         torch.amax(logits, 1, out=stats[0])                        # this shard's row maxima
         rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[1]))
+        scratch = logits.new_empty(min(rows, batch), logits.shape[1])   # reused: no allocation per block
         for start in range(0, batch, rows):
-            block = logits[start:start + rows] - stats[0, start:start + rows, None]
-            stats[1, start:start + rows] = block.exp_().sum(1)
+            n = min(rows, batch - start)
+            block = torch.sub(logits[start:start + n], stats[0, start:start + n, None], out=scratch[:n])
+            torch.sum(block.exp_(), 1, out=stats[1, start:start + n])
+        del scratch
         stats[2] = logits.gather(1, labels).reshape(-1) * has_target.reshape(-1)
         if world > 1:   # one collective: every shard's (max, sum of exp below it, target logit)
             shards = _all_gather(stats, group).view(world, 3, batch)
@@ -259,14 +262,18 @@ class _ShardedMarginLoss(torch.autograd.Function):
         not_target = -ctx.has_target.to(logits.dtype) * factor
         targets = []
         rows = max(1, _CHUNK_ELEMENTS // max(1, width))
+        scratch = logits.new_empty(2, min(rows, batch), width)     # reused: no allocation per block
+        column_sum = torch.empty_like(col)
         for start in range(0, batch, rows):
-            block = slice(start, start + rows)
-            grad = torch.sub(logits[block], ctx.row_max[block, None]).exp_().mul_(row_factor[block, None])
+            n = min(rows, batch - start)
+            block = slice(start, start + n)
+            grad = torch.sub(logits[block], ctx.row_max[block, None], out=scratch[0, :n])
+            grad.exp_().mul_(row_factor[block, None])
             grad.scatter_add_(1, state.labels[block], not_target[block])
             targets.append(margin_grad_rows_(grad, state, block, scale))
-            col += (grad * logits[block]).sum(0)
+            col += torch.sum(torch.mul(grad, logits[block], out=scratch[1, :n]), 0, out=column_sum)
             logits[block] = grad
-            del grad
+        del scratch, grad
         sink, targets = ctx.sink, torch.cat(targets)
         if sink is None:
             grad_embeddings, grad_kernel = margin_input_grads(

@@ -430,8 +430,8 @@ def test_checkpoint_saved_at_4_resumes_at_1_2_3(gloo_results):
 
 
 def test_reduce_scatter_branch_and_older_collective_names_agree(gloo_results):
-    """NCCL's branch of the all-gather's backward (forced on gloo) and torch < 2.1x's collective
-    names give the embeddings' gradient of the default branch."""
+    """NCCL's branch of the all-gather's backward (forced on gloo) and the collectives' older names
+    (a torch before ``all_gather_single``) give the embeddings' gradient of the default branch."""
     _assert_results(gloo_results[4], "collectives")
 
 
@@ -660,11 +660,17 @@ def _main_command(data: Path, out: Path, *extra: str, processes: int = 2):
     return cmd if "--epochs" in extra else cmd + ["--epochs", "1"]
 
 
+def _main_env(**extra: str) -> dict:
+    """One torch thread per process on any machine (Lightning would divide the node's CPUs among
+    its processes: runs launched differently would sum in different orders)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
 def _run_main(data: Path, out: Path, *extra: str, processes: int = 2):
     import subprocess
 
     proc = subprocess.run(_main_command(data, out, *extra, processes=processes), cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          text=True, timeout=600, env=_main_env())
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -710,9 +716,8 @@ def test_main_partial_fc_on_two_gloo_processes(pfc_run):
 def test_two_nodes_of_one_process_are_one_node_of_two(pfc_run, tiny_data, tmp_path):
     """``--num_nodes 2 --cpu_processes 1``, one launch per node with ``NODE_RANK``, ``MASTER_ADDR``
     and ``MASTER_PORT`` (what torchrun or SLURM set) and a shared output folder: global ranks,
-    shards and the whole run are those of one node with 2 processes, checkpoint bit for bit. One
-    torch thread per process, as Lightning gives each of 2 processes on this 2-CPU node (another
-    thread count sums the convolutions in another order)."""
+    shards and the whole run are those of one node with 2 processes, checkpoint bit for bit (one
+    torch thread per process in both)."""
     import socket
     import subprocess
 
@@ -723,8 +728,7 @@ def test_two_nodes_of_one_process_are_one_node_of_two(pfc_run, tiny_data, tmp_pa
     cmd = _main_command(tiny_data, out, "--partial_fc", "--sample_rate", "0.5", "--gradient_clip_val", "5",
                         "--num_nodes", "2", processes=1)
     nodes = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "NODE_RANK": str(node),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+                              env=_main_env(NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for node in (0, 1)]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
