@@ -9,8 +9,10 @@ Each of the W ranks holds the kernel columns of its own classes, ``[start, stop)
 2. computes this shard's margin logits with ``head.py``'s :func:`~head.margin_logits_forward`
    (the one home of the margin maths; rows whose class lives elsewhere get the non-target rule);
 3. returns the cross-entropy of the whole global batch (mean over its B samples, identical on
-   every rank) from a distributed, stable float32 log-softmax: row maxima (all-reduce MAX), then
-   sums of ``exp(logit - max)`` and the target logits (one all-reduce SUM). No probability floor,
+   every rank) from a distributed, stable float32 log-softmax: each shard's row maxima, sums of
+   ``exp(logit - max)`` below them and target logits go round in one all-gather, and every rank
+   combines them the same way (the embeddings, labels and norms of step 1 share one all-gather
+   too: two collectives per forward). No probability floor,
    no host synchronisation; the backward recomputes the probabilities from the logits block by
    block and overwrites the logits with the gradient (one B x C_local buffer in all).
 

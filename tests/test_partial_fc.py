@@ -524,14 +524,16 @@ def test_sample_columns_breaks_ties_at_the_boundary_towards_the_lower_index():
 
 def test_kept_columns_are_read_in_chunks_as_from_a_copy(monkeypatch):
     """Training's sampled head (deferred kernel gradient) reads the kept columns in place, 7
-    classes at a time here: loss, embedding gradient and kernel gradient equal the path that
-    copies the kept columns (E x K) and has autograd give a dense gradient."""
+    classes at a time, and runs its softmax over blocks of 4 rows (a full block and a partial one
+    of the 6): loss, embedding gradient and kernel gradient equal the path that copies the kept
+    columns (E x K), has autograd give a dense gradient and takes the softmax in one block."""
     import head_sharded
 
-    monkeypatch.setattr(head_sharded, "_KEPT_CHUNK_ELEMENTS", 7 * E)
-    monkeypatch.setattr(head_sharded, "_CHUNK_ELEMENTS", 5 * C_SAMPLE // 10)   # softmax blocks of a few rows
     results = []
     for defer in (False, True):
+        if defer:
+            monkeypatch.setattr(head_sharded, "_KEPT_CHUNK_ELEMENTS", 7 * E)
+            monkeypatch.setattr(head_sharded, "_CHUNK_ELEMENTS", 4 * math.ceil(0.2 * C_SAMPLE))
         _, head = _heads("adaface", C_SAMPLE, None, sample_rate=0.2)
         head.defer_kernel_grad = defer
         emb, norms, labels, _ = _batch(2, 7, C_SAMPLE)
@@ -541,7 +543,7 @@ def test_kept_columns_are_read_in_chunks_as_from_a_copy(monkeypatch):
         grad = take_column_grad(head.kernel).to_dense(head.kernel.detach()) if defer else head.kernel.grad
         assert (head.kernel.grad is None) == defer
         results.append((loss.detach(), e.grad, grad, head.sampled_classes.numel()))
-    assert results[0][3] == results[1][3] > 7 * 3           # several chunks of kept columns
+    assert results[0][3] == results[1][3] == math.ceil(0.2 * C_SAMPLE) > 7 * 3   # several chunks of kept columns
     for want, got in zip(results[0][:3], results[1][:3]):   # sums over chunks of classes: float32 rounding
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
 
